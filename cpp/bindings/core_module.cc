@@ -1,0 +1,549 @@
+// fastserve._core: the Python face of the C++ batcher (see notes/core_api.md for the contract).
+//
+// Boundary rules: numpy buffers are read with the GIL held; waiting, gathering and large copies
+// run with it released. C++ worker paths never touch a Python object: the arrays of each
+// request are kept alive by a side table in PyBatcher, touched only with the GIL held (in
+// submit and poll), until poll() has returned that request's completion.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "fastserve/batch_policy.h"
+#include "fastserve/batcher.h"
+#include "fastserve/cuda_info.h"
+#include "fastserve/tensor.h"
+
+namespace py = pybind11;
+
+namespace fastserve {
+namespace {
+
+// Thrown in the binding, translated to the Python exceptions of the same names.
+struct BatcherError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct QueueFullError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct StoppedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// complete() copies with the GIL held below this: a short copy is cheaper than handing the GIL
+// to the event loop and waiting (up to the switch interval) to get it back.
+constexpr size_t kReleaseGilCopyBytes = size_t{1} << 20;
+
+// Interned Python objects created once at import and never freed (safe at interpreter exit).
+PyObject* g_dtypes[kNumDTypes];
+PyObject* g_status_names[3];
+PyObject* g_reason_names[5];
+
+py::handle DTypeObject(DType dtype) { return g_dtypes[static_cast<size_t>(dtype)]; }
+
+constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+
+// Maps a numpy dtype to a DType; returns an error message when it has none.
+const char* FromNumpyDType(const py::dtype& dt, DType* out) {
+  const char byteorder = dt.byteorder();
+  if ((kLittleEndian && byteorder == '>') || (!kLittleEndian && byteorder == '<')) {
+    return "has non-native byte order";
+  }
+  const py::ssize_t size = dt.itemsize();
+  switch (dt.kind()) {
+    case 'b':
+      if (size == 1) return *out = DType::kBool, nullptr;
+      break;
+    case 'i':
+      if (size == 1) return *out = DType::kInt8, nullptr;
+      if (size == 2) return *out = DType::kInt16, nullptr;
+      if (size == 4) return *out = DType::kInt32, nullptr;
+      if (size == 8) return *out = DType::kInt64, nullptr;
+      break;
+    case 'u':
+      if (size == 1) return *out = DType::kUInt8, nullptr;
+      if (size == 2) return *out = DType::kUInt16, nullptr;
+      if (size == 4) return *out = DType::kUInt32, nullptr;
+      if (size == 8) return *out = DType::kUInt64, nullptr;
+      break;
+    case 'f':
+      if (size == 2) return *out = DType::kFloat16, nullptr;
+      if (size == 4) return *out = DType::kFloat32, nullptr;
+      if (size == 8) return *out = DType::kFloat64, nullptr;
+      break;
+    case 'c':
+      if (size == 8) return *out = DType::kComplex64, nullptr;
+      if (size == 16) return *out = DType::kComplex128, nullptr;
+      break;
+    default:
+      break;
+  }
+  return "has an unsupported dtype (numeric or bool only)";
+}
+
+std::string DTypeStr(const py::dtype& dt) { return py::str(static_cast<const py::handle&>(dt)); }
+
+// numpy's shape type is Py_ssize_t; the core uses int64_t. They are one type on LP64 Linux.
+const int64_t* DimsOf(const py::array& arr, std::vector<int64_t>* storage) {
+  if constexpr (std::is_same_v<py::ssize_t, int64_t>) {
+    (void)storage;
+    return arr.shape();
+  } else {
+    storage->assign(arr.shape(), arr.shape() + arr.ndim());
+    return storage->data();
+  }
+}
+
+// A borrowed list or tuple as a fast sequence.
+py::sequence AsListOrTuple(py::handle obj, const char* what) {
+  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr())) {
+    throw py::value_error(std::string(what) + " must be a list (or tuple) of numpy arrays, got " +
+                          std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  }
+  return py::reinterpret_borrow<py::sequence>(obj);
+}
+
+py::capsule OwnerCapsule(std::shared_ptr<uint8_t> buffer) {
+  auto* holder = new std::shared_ptr<uint8_t>(std::move(buffer));
+  return py::capsule(holder, [](void* p) { delete static_cast<std::shared_ptr<uint8_t>*>(p); });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+class PyBatch {
+ public:
+  explicit PyBatch(std::unique_ptr<Batch> batch) : batch_(std::move(batch)) {}
+
+  uint64_t id() const { return batch_->id(); }
+  int64_t rows() const { return batch_->rows(); }
+  py::object reason() const {
+    return py::reinterpret_borrow<py::object>(g_reason_names[static_cast<int>(batch_->reason())]);
+  }
+  py::list request_ids() const {
+    return Column([](const BatchRequest& r) { return r.id; });
+  }
+  py::list request_rows() const {
+    return Column([](const BatchRequest& r) { return r.rows; });
+  }
+  py::list queue_wait_ns() const {
+    return Column([](const BatchRequest& r) { return r.queue_wait_ns; });
+  }
+
+  py::list inputs() {
+    if (!inputs_) {
+      py::capsule owner = OwnerCapsule(batch_->input_buffer());
+      py::list list(batch_->inputs().size());
+      size_t i = 0;
+      for (const Tensor& t : batch_->inputs()) {
+        std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
+        list[i++] = py::array(py::reinterpret_borrow<py::dtype>(DTypeObject(t.dtype)),
+                              std::move(shape), t.data, owner);
+      }
+      inputs_ = std::move(list);
+    }
+    return py::reinterpret_borrow<py::list>(inputs_);
+  }
+
+  void Complete(py::handle outputs_obj) {
+    if (batch_->finished()) throw BatcherError(AlreadyFinished());
+    std::vector<py::array> arrays;
+    std::vector<TensorView> views;
+    std::vector<std::vector<int64_t>> dims;
+    try {
+      py::sequence outputs = AsListOrTuple(outputs_obj, "outputs");
+      const size_t n = py::len(outputs);
+      arrays.reserve(n);
+      views.resize(n);
+      dims.resize(n);
+      for (size_t k = 0; k < n; ++k) {
+        py::handle item = outputs[k];
+        // Copies (contiguity, casts) are fine here: they are done before this call returns.
+        py::array arr = py::array::ensure(item, py::array::c_style);
+        if (!arr) {
+          throw py::value_error("output " + std::to_string(k) + " is not convertible to an array");
+        }
+        DType dtype;
+        if (const char* problem = FromNumpyDType(arr.dtype(), &dtype)) {
+          if (std::string(problem) == "has non-native byte order") {
+            arr = py::array::ensure(arr.attr("astype")(arr.dtype().attr("newbyteorder")("=")),
+                                    py::array::c_style);
+            problem = arr ? FromNumpyDType(arr.dtype(), &dtype) : problem;
+          }
+          if (problem != nullptr) {
+            throw py::value_error("output " + std::to_string(k) + " " + problem + " (" +
+                                  DTypeStr(arr.dtype()) + ")");
+          }
+        }
+        dims[k].assign(arr.shape(), arr.shape() + arr.ndim());
+        views[k] = TensorView{arr.data(), dtype, dims[k].data(), dims[k].size()};
+        arrays.push_back(std::move(arr));
+      }
+    } catch (py::value_error& e) {
+      batch_->Fail(e.what());
+      throw;
+    } catch (py::error_already_set& e) {
+      // e.g. astype failing: the batch must not stay pending.
+      batch_->Fail(e.what());
+      throw;
+    }
+    std::string error;
+    Batch::Result result;
+    if (Batch::OutputBytes(views.data(), views.size()) >= kReleaseGilCopyBytes) {
+      py::gil_scoped_release nogil;
+      result = batch_->Complete(views.data(), views.size(), &error);
+    } else {
+      result = batch_->Complete(views.data(), views.size(), &error);
+    }
+    switch (result) {
+      case Batch::Result::kOk:
+        return;
+      case Batch::Result::kInvalid:
+        throw py::value_error(error);
+      case Batch::Result::kFinished:
+        throw BatcherError(AlreadyFinished());
+      case Batch::Result::kFailed:
+        throw BatcherError(error);
+    }
+  }
+
+  // A no-op when the batch is already finished, so that `except: batch.fail(...)` is safe.
+  void Fail(const std::string& message) { batch_->Fail(message); }
+
+  std::string Repr() const {
+    return "<Batch id=" + std::to_string(batch_->id()) + " rows=" + std::to_string(batch_->rows()) +
+           " requests=" + std::to_string(batch_->requests().size()) +
+           " reason=" + ReleaseReasonName(batch_->reason()) + ">";
+  }
+
+ private:
+  template <typename F>
+  py::list Column(F f) const {
+    const auto& requests = batch_->requests();
+    py::list list(requests.size());
+    for (size_t j = 0; j < requests.size(); ++j) {
+      list[j] = py::reinterpret_steal<py::object>(PyLong_FromLongLong(f(requests[j])));
+    }
+    return list;
+  }
+  std::string AlreadyFinished() const {
+    return "batch " + std::to_string(batch_->id()) + " was already completed or failed";
+  }
+
+  std::unique_ptr<Batch> batch_;
+  py::object inputs_;  // cached Batch.inputs
+};
+
+struct PyCompletion {
+  uint64_t id = 0;
+  py::object status;
+  std::string error;
+  py::list outputs;
+  int64_t queue_ns = 0;
+  int64_t compute_ns = 0;
+  uint64_t batch_id = 0;
+  int64_t batch_rows = 0;
+
+  std::string Repr() const {
+    return "<Completion id=" + std::to_string(id) + " status=" + std::string(py::str(status)) +
+           " outputs=" + std::to_string(py::len(outputs)) + ">";
+  }
+};
+
+class PyBatcher {
+ public:
+  explicit PyBatcher(const BatchPolicy& policy) : core_(Batcher::Create(policy)) {
+    keep_.reserve(static_cast<size_t>(std::min<int64_t>(policy.max_queue_size, 1 << 16)));
+  }
+  PyBatcher(const PyBatcher&) = delete;
+  PyBatcher& operator=(const PyBatcher&) = delete;
+  ~PyBatcher() {
+    // Runs with the GIL held (from the Python object's deallocation).
+    for (auto& entry : keep_) Py_DECREF(entry.second);
+  }
+
+  uint64_t Submit(py::handle inputs_obj, int64_t priority, int64_t timeout_us) {
+    py::sequence inputs = AsListOrTuple(inputs_obj, "inputs");
+    PyObject* seq = inputs.ptr();
+    const bool is_list = PyList_Check(seq);
+    const size_t n = static_cast<size_t>(is_list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq));
+    thread_local std::vector<TensorView> views;
+    thread_local std::vector<std::vector<int64_t>> dims_storage;
+    views.resize(n);
+    if (dims_storage.size() < n) dims_storage.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      PyObject* item = is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+      if (!py::isinstance<py::array>(item)) {
+        throw py::value_error("input " + std::to_string(i) + " must be a numpy.ndarray, got " +
+                              std::string(py::str(Py_TYPE(item)->tp_name)));
+      }
+      py::array arr = py::reinterpret_borrow<py::array>(item);
+      // No copy is made: the core reads this memory later, so it must be usable as it is.
+      if (!(arr.flags() & py::array::c_style)) {
+        throw py::value_error("input " + std::to_string(i) +
+                              " is not C-contiguous (use numpy.ascontiguousarray)");
+      }
+      DType dtype;
+      if (const char* problem = FromNumpyDType(arr.dtype(), &dtype)) {
+        throw py::value_error("input " + std::to_string(i) + " " + problem + " (" +
+                              DTypeStr(arr.dtype()) + ")");
+      }
+      if (arr.ndim() < 1) {
+        throw py::value_error("input " + std::to_string(i) + " needs rank >= 1 (rows first)");
+      }
+      views[i] = TensorView{arr.data(), dtype, DimsOf(arr, &dims_storage[i]),
+                            static_cast<size_t>(arr.ndim())};
+    }
+    // Keep the arrays (not a list the caller may still mutate) until poll() returns this id.
+    // Made before submitting so that nothing can fail once the request is queued.
+    PyObject* keep;
+    if (n == 1) {
+      keep = is_list ? PyList_GET_ITEM(seq, 0) : PyTuple_GET_ITEM(seq, 0);
+      Py_INCREF(keep);
+    } else if (!is_list) {
+      keep = seq;
+      Py_INCREF(keep);
+    } else {
+      keep = PyList_AsTuple(seq);
+      if (keep == nullptr) throw py::error_already_set();
+    }
+    SubmitResult r = core_->Submit(views.data(), n, priority, timeout_us);
+    if (r.code != SubmitCode::kOk) Py_DECREF(keep);
+    switch (r.code) {
+      case SubmitCode::kOk:
+        break;
+      case SubmitCode::kQueueFull:
+        throw QueueFullError(
+            "queue full (max_queue_size=" + std::to_string(core_->policy().max_queue_size) + ")");
+      case SubmitCode::kStopped:
+        throw StoppedError("batcher is stopped");
+      case SubmitCode::kInvalid:
+        throw py::value_error(r.error);
+    }
+    try {
+      keep_.emplace(r.id, keep);
+    } catch (...) {
+      // Out of memory: the request is queued, so its arrays must never be freed; leak them.
+    }
+    return r.id;
+  }
+
+  py::object NextBatch() {
+    std::unique_ptr<Batch> batch;
+    {
+      py::gil_scoped_release nogil;
+      batch = core_->NextBatch();
+    }
+    if (!batch) return py::none();
+    return py::cast(new PyBatch(std::move(batch)), py::return_value_policy::take_ownership);
+  }
+
+  py::list Poll(int64_t timeout_ms) {
+    std::vector<Completion> items;
+    if (!carry_.empty()) {
+      items.swap(carry_);  // left over from a poll that failed half-way
+    } else if (timeout_ms > 0) {
+      py::gil_scoped_release nogil;
+      core_->Poll(&items, timeout_ms);
+    } else {
+      core_->Poll(&items, 0);
+    }
+    py::list result(items.size());
+    size_t i = 0;
+    try {
+      for (; i < items.size(); ++i) {
+        result[i] = MakeCompletion(&items[i]);
+        auto keep = keep_.find(items[i].id);
+        if (keep != keep_.end()) {
+          Py_DECREF(keep->second);
+          keep_.erase(keep);
+        }
+      }
+    } catch (...) {
+      // Each completion is returned exactly once: keep the rest for the next poll.
+      carry_.assign(std::make_move_iterator(items.begin() + i),
+                    std::make_move_iterator(items.end()));
+      throw;
+    }
+    return result;
+  }
+
+  int notify_fd() const { return core_->notify_fd(); }
+  void Stop() { core_->Stop(); }
+  void Hold(int64_t n) {
+    if (n < 0) throw py::value_error("hold(n) needs n >= 0");
+    core_->Hold(n);
+  }
+  int64_t queue_depth() const { return core_->queue_depth(); }
+  const BatchPolicy& policy() const { return core_->policy(); }
+
+  py::dict Stats() const {
+    BatcherStats s = core_->stats();
+    py::dict d;
+    d["submitted"] = s.submitted;
+    d["rejected_full"] = s.rejected_full;
+    d["rejected_stopped"] = s.rejected_stopped;
+    d["timed_out"] = s.timed_out;
+    d["completed"] = s.completed;
+    d["failed"] = s.failed;
+    d["batches"] = s.batches;
+    d["rows"] = s.rows;
+    d["batches_full"] = s.batches_full;
+    d["batches_preferred"] = s.batches_preferred;
+    d["batches_delay"] = s.batches_delay;
+    d["batches_drain"] = s.batches_drain;
+    return d;
+  }
+
+ private:
+  std::shared_ptr<Batcher> core_;
+  // request id -> strong reference to its input arrays; GIL must be held.
+  std::unordered_map<uint64_t, PyObject*> keep_;
+  std::vector<Completion> carry_;  // GIL must be held
+
+  static py::object MakeCompletion(Completion* c) {
+    if (c->num_outputs() > 0 && !c->data) {
+      // Its buffer went to a capsule in a poll that then failed (out of memory).
+      c->status = CompletionStatus::kError;
+      c->error = "out of memory while returning the outputs";
+      c->layout.reset();
+    }
+    auto* pc = new PyCompletion();
+    py::object obj = py::cast(pc, py::return_value_policy::take_ownership);
+    pc->id = c->id;
+    pc->status = py::reinterpret_borrow<py::object>(g_status_names[static_cast<int>(c->status)]);
+    pc->error = c->error;
+    pc->queue_ns = c->queue_ns;
+    pc->compute_ns = c->compute_ns;
+    pc->batch_id = c->batch_id;
+    pc->batch_rows = c->batch_rows;
+    const size_t n_out = c->num_outputs();
+    pc->outputs = py::list(n_out);
+    if (n_out > 0) {
+      const OutputLayout& layout = *c->layout;
+      uint8_t* base = c->data.get();
+      py::capsule owner(base, [](void* p) { std::free(p); });
+      c->data.release();  // the capsule frees it now
+      size_t offset = 0;
+      for (size_t k = 0; k < n_out; ++k) {
+        const RowSignature& sig = layout.outputs[k];
+        std::vector<py::ssize_t> shape;
+        shape.reserve(sig.trailing_dims.size() + 1);
+        shape.push_back(c->rows);
+        shape.insert(shape.end(), sig.trailing_dims.begin(), sig.trailing_dims.end());
+        pc->outputs[k] = py::array(py::reinterpret_borrow<py::dtype>(DTypeObject(sig.dtype)),
+                                   std::move(shape), base + offset, owner);
+        offset += AlignUp(c->output_bytes(k));
+      }
+    }
+    return obj;
+  }
+};
+
+}  // namespace
+}  // namespace fastserve
+
+PYBIND11_MODULE(_core, m) {
+  using namespace fastserve;
+  m.doc() = "fastserve native core: dynamic batcher (private; use the fastserve package)";
+
+  for (size_t i = 0; i < kNumDTypes; ++i) {
+    g_dtypes[i] = py::dtype(std::string(DTypeName(static_cast<DType>(i)))).release().ptr();
+  }
+  const CompletionStatus statuses[] = {CompletionStatus::kOk, CompletionStatus::kTimeout,
+                                       CompletionStatus::kError};
+  for (CompletionStatus s : statuses) {
+    g_status_names[static_cast<int>(s)] = py::str(CompletionStatusName(s)).release().ptr();
+    PyUnicode_InternInPlace(&g_status_names[static_cast<int>(s)]);
+  }
+  for (int r = 0; r < 5; ++r) {
+    g_reason_names[r] = py::str(ReleaseReasonName(static_cast<ReleaseReason>(r))).release().ptr();
+    PyUnicode_InternInPlace(&g_reason_names[r]);
+  }
+
+  auto& root = py::register_exception<BatcherError>(m, "BatcherError", PyExc_RuntimeError);
+  py::register_exception<QueueFullError>(m, "QueueFull", root.ptr());
+  py::register_exception<StoppedError>(m, "Stopped", root.ptr());
+
+  m.def("cuda_built", &CudaBuilt, "True when compiled with CUDA.");
+  m.def(
+      "cuda_available", [] { return CudaBuilt() && CudaDeviceCount() > 0; },
+      "True when compiled with CUDA and at least one CUDA device is visible now.");
+  m.def("cuda_device_count", &CudaDeviceCount,
+        "Visible CUDA devices (0 when not built with CUDA or without a driver/device).");
+
+  py::class_<BatchPolicy>(m, "BatchPolicy")
+      .def(py::init([](int64_t max_batch_size, std::vector<int64_t> preferred_batch_sizes,
+                       int64_t max_queue_delay_us, int64_t max_queue_size,
+                       int64_t default_timeout_us, int64_t priority_levels) {
+             BatchPolicy p;
+             p.max_batch_size = max_batch_size;
+             p.preferred_batch_sizes = std::move(preferred_batch_sizes);
+             p.max_queue_delay_us = max_queue_delay_us;
+             p.max_queue_size = max_queue_size;
+             p.default_timeout_us = default_timeout_us;
+             p.priority_levels = priority_levels;
+             p.Validate();  // std::invalid_argument -> ValueError
+             return p;
+           }),
+           py::kw_only(), py::arg("max_batch_size"),
+           py::arg("preferred_batch_sizes") = std::vector<int64_t>{},
+           py::arg("max_queue_delay_us") = 0, py::arg("max_queue_size") = 1024,
+           py::arg("default_timeout_us") = 0, py::arg("priority_levels") = 1)
+      .def_readonly("max_batch_size", &BatchPolicy::max_batch_size)
+      .def_readonly("preferred_batch_sizes", &BatchPolicy::preferred_batch_sizes)
+      .def_readonly("max_queue_delay_us", &BatchPolicy::max_queue_delay_us)
+      .def_readonly("max_queue_size", &BatchPolicy::max_queue_size)
+      .def_readonly("default_timeout_us", &BatchPolicy::default_timeout_us)
+      .def_readonly("priority_levels", &BatchPolicy::priority_levels)
+      .def("__repr__", &BatchPolicy::ToString);
+
+  py::class_<PyBatch>(m, "Batch")
+      .def_property_readonly("id", &PyBatch::id)
+      .def_property_readonly("rows", &PyBatch::rows)
+      .def_property_readonly("reason", &PyBatch::reason)
+      .def_property_readonly("request_ids", &PyBatch::request_ids)
+      .def_property_readonly("request_rows", &PyBatch::request_rows)
+      .def_property_readonly("queue_wait_ns", &PyBatch::queue_wait_ns)
+      .def_property_readonly("inputs", &PyBatch::inputs)
+      .def("complete", &PyBatch::Complete, py::arg("outputs"),
+           "Scatter output rows back to each request; each output needs first dim == rows.")
+      .def("fail", &PyBatch::Fail, py::arg("message"),
+           "Every request of the batch completes with status 'error' and this message.")
+      .def("__repr__", &PyBatch::Repr);
+
+  py::class_<PyCompletion>(m, "Completion")
+      .def_readonly("id", &PyCompletion::id)
+      .def_readonly("status", &PyCompletion::status)
+      .def_readonly("error", &PyCompletion::error)
+      .def_readonly("outputs", &PyCompletion::outputs)
+      .def_readonly("queue_ns", &PyCompletion::queue_ns)
+      .def_readonly("compute_ns", &PyCompletion::compute_ns)
+      .def_readonly("batch_id", &PyCompletion::batch_id)
+      .def_readonly("batch_rows", &PyCompletion::batch_rows)
+      .def("__repr__", &PyCompletion::Repr);
+
+  py::class_<PyBatcher>(m, "Batcher")
+      .def(py::init<const BatchPolicy&>(), py::arg("policy"))
+      .def("submit", &PyBatcher::Submit, py::arg("inputs"), py::arg("priority") = 0,
+           py::arg("timeout_us") = -1, "Queue one request (no copy); returns its id.")
+      .def("next_batch", &PyBatcher::NextBatch,
+           "Block (GIL released) until a batch is released; None once stopped and empty.")
+      .def("poll", &PyBatcher::Poll, py::arg("timeout_ms") = 0,
+           "Completions not yet returned; timeout_ms > 0 waits (GIL released) for one.")
+      .def_property_readonly("notify_fd", &PyBatcher::notify_fd)
+      .def("stop", &PyBatcher::Stop, "Refuse new work; what is queued is still released.")
+      .def("hold", &PyBatcher::Hold, py::arg("n"),
+           "Test hook: nothing is released until n requests are queued (0 = no hold).")
+      .def_property_readonly("queue_depth", &PyBatcher::queue_depth)
+      .def_property_readonly("policy", &PyBatcher::policy)
+      .def("stats", &PyBatcher::Stats);
+}

@@ -1,0 +1,257 @@
+// The dynamic batcher: a bounded queue of requests per priority level, released as batches by
+// policy to worker threads, and a completion queue that wakes an event loop once per batch.
+//
+// Threads: any number of submitters, workers (NextBatch, then Batch::Complete/Fail) and pollers;
+// one internal timer thread expires deadlines. No call throws across threads: a worker's error
+// reaches the requests of its batch as a Completion with status kError.
+#ifndef FASTSERVE_BATCHER_H_
+#define FASTSERVE_BATCHER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "fastserve/batch_policy.h"
+#include "fastserve/tensor.h"
+
+namespace fastserve {
+
+class Batcher;
+
+namespace batcher_internal {
+struct Request;
+struct Group;
+struct RequestList {
+  Request* head = nullptr;
+  Request* tail = nullptr;
+};
+}  // namespace batcher_internal
+
+// Monotonic clock in nanoseconds (std::chrono::steady_clock).
+int64_t NowNs();
+
+enum class SubmitCode : uint8_t { kOk = 0, kQueueFull, kStopped, kInvalid };
+
+struct SubmitResult {
+  SubmitCode code = SubmitCode::kOk;
+  uint64_t id = 0;    // with kOk: the request id, unique per Batcher, from 1 upward
+  std::string error;  // with kInvalid: what is wrong with the arguments
+};
+
+enum class CompletionStatus : uint8_t { kOk = 0, kTimeout, kError };
+const char* CompletionStatusName(CompletionStatus status);  // "ok", "timeout", "error"
+
+// Dtype and trailing dims of each output; shared by the completions of one batch.
+struct OutputLayout {
+  std::vector<RowSignature> outputs;
+};
+
+// The outcome of one request, delivered exactly once by Batcher::Poll.
+struct Completion {
+  uint64_t id = 0;
+  CompletionStatus status = CompletionStatus::kOk;
+  std::string error;                           // empty when ok
+  int64_t queue_ns = 0;                        // submit to release (to expiry for timeouts)
+  int64_t compute_ns = 0;                      // release to Complete/Fail
+  uint64_t batch_id = 0;                       // 0 for timeouts
+  int64_t batch_rows = 0;                      // 0 for timeouts
+  int64_t rows = 0;                            // this request's rows
+  std::shared_ptr<const OutputLayout> layout;  // set when ok
+  UniqueBuffer data;  // this request's rows of every output, each at an aligned offset
+
+  size_t num_outputs() const { return layout ? layout->outputs.size() : 0; }
+  // Output i: data + offset, shape (rows, *trailing_dims).
+  size_t output_offset(size_t i) const;
+  size_t output_bytes(size_t i) const { return rows * layout->outputs[i].row_bytes; }
+};
+
+struct BatcherStats {
+  uint64_t submitted = 0;
+  uint64_t rejected_full = 0;
+  uint64_t rejected_stopped = 0;
+  uint64_t timed_out = 0;
+  uint64_t completed = 0;  // requests completed with status ok
+  uint64_t failed = 0;     // requests completed with status error
+  uint64_t batches = 0;
+  uint64_t rows = 0;
+  uint64_t batches_full = 0;
+  uint64_t batches_preferred = 0;
+  uint64_t batches_delay = 0;
+  uint64_t batches_drain = 0;
+};
+
+struct BatchRequest {
+  uint64_t id = 0;
+  int64_t rows = 0;
+  int64_t row_offset = 0;  // first row of this request in the batch
+  int64_t queue_wait_ns = 0;
+};
+
+// One released batch. Owned by the worker that received it; use from one thread at a time.
+class Batch {
+ public:
+  Batch(const Batch&) = delete;
+  Batch& operator=(const Batch&) = delete;
+  // Fails requests not yet completed with "batch abandoned": none is lost.
+  ~Batch();
+
+  uint64_t id() const { return id_; }
+  ReleaseReason reason() const { return reason_; }
+  int64_t rows() const { return rows_; }
+  const std::vector<BatchRequest>& requests() const { return requests_; }
+  // One contiguous tensor per input, shape (rows, *dims), all in input_buffer().
+  const std::vector<Tensor>& inputs() const { return inputs_; }
+  const std::shared_ptr<uint8_t>& input_buffer() const { return buffer_; }
+  bool finished() const { return finished_.load(std::memory_order_acquire); }
+
+  enum class Result : uint8_t { kOk = 0, kInvalid, kFinished, kFailed };
+  // Copies each request's rows of every output into a buffer the request owns and queues the
+  // completions. Each output must have rank >= 1 and dims[0] == rows(); otherwise the batch is
+  // failed with the reason and kInvalid is returned (message in *error). kFinished: already
+  // completed or failed (nothing changes). kFailed: out of memory (the batch is failed).
+  Result Complete(const TensorView* outputs, size_t n, std::string* error);
+  // Every request completes with status kError and `message`. False if already finished.
+  bool Fail(std::string_view message);
+
+  // Total bytes Complete would copy for these outputs (for callers that choose how to wait).
+  static size_t OutputBytes(const TensorView* outputs, size_t n);
+
+ private:
+  friend class Batcher;
+  explicit Batch(std::shared_ptr<Batcher> owner);
+  void Gather();  // fills buffer_/inputs_ from sources_; throws std::bad_alloc
+  void FailLocked(std::string_view message);  // finished_ must already be set by the caller
+
+  std::shared_ptr<Batcher> owner_;
+  uint64_t id_ = 0;
+  ReleaseReason reason_ = ReleaseReason::kNone;
+  int64_t rows_ = 0;
+  int64_t release_ns_ = 0;
+  std::vector<BatchRequest> requests_;
+  std::vector<RowSignature> signature_;  // per input
+  std::vector<const void*> sources_;     // [request * num_inputs + input], until gathered
+  std::shared_ptr<uint8_t> buffer_;
+  std::vector<Tensor> inputs_;
+  std::atomic<bool> finished_{false};
+};
+
+class Batcher : public std::enable_shared_from_this<Batcher> {
+ public:
+  // Throws std::invalid_argument for a bad policy, std::system_error when the notify pipe or
+  // the timer thread cannot be created.
+  static std::shared_ptr<Batcher> Create(const BatchPolicy& policy);
+  Batcher(const Batcher&) = delete;
+  Batcher& operator=(const Batcher&) = delete;
+  ~Batcher();
+
+  // Queues one request. inputs[i].data must stay valid and unchanged until the request's
+  // completion has been returned by Poll (the batcher reads it when it gathers the batch).
+  // priority: 0 = highest. timeout_us: -1 = policy default, 0 = none, > 0 = relative deadline.
+  SubmitResult Submit(const TensorView* inputs, size_t n, int64_t priority, int64_t timeout_us);
+
+  // Blocks until a batch is released by policy; nullptr once stopped and the queue is empty.
+  std::unique_ptr<Batch> NextBatch();
+
+  // Moves the completions not yet returned into *out (cleared first). timeout_ms > 0: waits up
+  // to that long for at least one. Drains the notify pipe first.
+  void Poll(std::vector<Completion>* out, int64_t timeout_ms);
+
+  // Read end of a non-blocking pipe, readable while completions wait (one byte per wake-up).
+  int notify_fd() const { return notify_read_fd_; }
+
+  // Refuses new work; what is queued is still released (reason drain, no delay wait, no hold).
+  void Stop();
+  // Test hook: nothing is released until n requests are queued; the gate then opens for good
+  // (0 = no hold). Deadlines still expire while held; Stop() overrides it.
+  void Hold(int64_t n);
+
+  int64_t queue_depth() const;
+  bool stopped() const;
+  BatcherStats stats() const;
+  const BatchPolicy& policy() const { return policy_; }
+
+ private:
+  friend class Batch;
+  using Request = batcher_internal::Request;
+  using Group = batcher_internal::Group;
+
+  struct DeadlineEntry {
+    int64_t deadline_ns;
+    uint64_t id;
+    Request* request;
+  };
+
+  Batcher(const BatchPolicy& policy, int read_fd, int write_fd);
+  void TimerLoop();
+
+  // mu_ must be held by the callers of these.
+  void ExpireLocked(int64_t now, std::vector<Completion>* expired);
+  int64_t NextDeadlineLocked();  // drops stale heap entries; INT64_MAX when none
+  int HeadLevelLocked() const;   // -1 when empty
+  bool DecideLocked(int64_t now, ReleaseDecision* decision);  // fills candidates_
+  std::unique_ptr<Batch> ExtractLocked(const ReleaseDecision& decision, int64_t now);
+  Group* FindOrCreateGroupLocked(const std::string& key, const TensorView* inputs, size_t n);
+  Request* AllocRequestLocked();
+  void FreeRequestLocked(Request* r);
+  void UnlinkLocked(Request* r);
+  void CompactDeadlinesLocked();
+
+  // Takes cmu_; may be called with or without mu_ held (lock order: mu_ before cmu_).
+  void PushCompletions(std::vector<Completion>* items);
+  void DrainNotifyPipe();
+
+  const BatchPolicy policy_;
+  const ReleaseRule rule_;
+  const int notify_read_fd_;
+  const int notify_write_fd_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;        // workers in NextBatch wait here
+  std::condition_variable timer_cv_;  // the timer thread waits here
+  // --- mu_ must be held for everything below, up to cmu_ ---
+  bool stopped_ = false;
+  bool shutdown_ = false;
+  int64_t hold_ = 0;
+  int64_t depth_ = 0;
+  int waiters_ = 0;  // workers blocked in NextBatch
+  uint64_t next_request_id_ = 1;
+  uint64_t next_batch_id_ = 1;
+  int64_t timer_wake_ns_ = 0;                          // deadline the timer thread sleeps toward
+  std::vector<batcher_internal::RequestList> levels_;  // arrival order per priority level
+  std::unordered_map<std::string, std::unique_ptr<Group>> groups_;  // by shape key
+  std::vector<DeadlineEntry> deadlines_;  // min-heap; entries of released requests are stale
+  std::vector<std::unique_ptr<Request[]>> pool_chunks_;
+  Request* free_requests_ = nullptr;
+  std::vector<Request*> candidates_;     // scratch of DecideLocked
+  std::vector<int64_t> candidate_rows_;  // scratch of DecideLocked
+  uint64_t submitted_ = 0;
+  uint64_t rejected_full_ = 0;
+  uint64_t rejected_stopped_ = 0;
+  uint64_t batches_ = 0;
+  uint64_t batched_rows_ = 0;
+  uint64_t batches_by_reason_[5] = {};
+
+  mutable std::mutex cmu_;
+  std::condition_variable ccv_;  // pollers wait here
+  // --- cmu_ must be held for everything below ---
+  std::vector<Completion> pending_;
+  bool armed_ = false;  // a byte is in the pipe for pending_ (one wake-up per push, coalesced)
+  int poll_waiters_ = 0;
+  uint64_t timed_out_ = 0;
+  uint64_t completed_ = 0;
+  uint64_t failed_ = 0;
+
+  std::thread timer_;  // started by Create, joined by the destructor
+};
+
+}  // namespace fastserve
+
+#endif  // FASTSERVE_BATCHER_H_
