@@ -1,0 +1,102 @@
+"""The fastserve exception tree.
+
+Core modules raise these with structured arguments; only the HTTP layer maps them to
+status codes (one table, in ``fastserve.http.errors``).
+"""
+
+from __future__ import annotations
+
+
+class FastServeError(Exception):
+    """Root of every error fastserve raises on purpose."""
+
+
+class InvalidRequest(FastServeError):
+    """The request is malformed or does not match the model (HTTP 400)."""
+
+
+class ModelNotFound(FastServeError):
+    """No such model, or no such version of it (HTTP 404)."""
+
+    def __init__(self, name: str, version: str | None = None) -> None:
+        self.name = name
+        self.version = version
+        what = f"model '{name}'" if version is None else f"version '{version}' of model '{name}'"
+        super().__init__(f"unknown {what}")
+
+
+class ModelNotReady(FastServeError):
+    """The model exists but cannot serve right now (HTTP 503)."""
+
+    def __init__(self, name: str, version: str | None = None, why: str = "not ready") -> None:
+        self.name = name
+        self.version = version
+        label = name if version is None else f"{name}:{version}"
+        super().__init__(f"model '{label}' is {why}")
+
+
+class UnsupportedMediaType(FastServeError):
+    """Unsupported Content-Type or Content-Encoding (HTTP 415)."""
+
+
+class PayloadTooLarge(FastServeError):
+    """The body, or its decompressed form, is over the limit (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"request body larger than the limit of {limit} bytes")
+
+
+class RequestTimeout(FastServeError):
+    """The client did not send its body within the body timeout (HTTP 408)."""
+
+
+class Unavailable(FastServeError):
+    """Temporarily unable to take the request (HTTP 503 with Retry-After)."""
+
+    retry_after_s: float = 1.0
+
+
+class Overloaded(Unavailable):
+    """The model's queue is full: shed load at once."""
+
+    def __init__(self, model: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"model '{model}' is overloaded: queue full, retry later")
+
+
+class QueueTimeout(Unavailable):
+    """The request's deadline passed while it waited in the queue; it was never run."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"request to model '{model}' timed out in the queue and was not run")
+
+
+class ServerStopping(Unavailable):
+    """The server or model is draining and takes no new work."""
+
+    def __init__(self, what: str = "server") -> None:
+        super().__init__(f"{what} is shutting down and takes no new requests")
+
+
+class InferenceFailed(FastServeError):
+    """The backend failed to run a batch (HTTP 500: a model or server bug)."""
+
+
+class ConfigError(FastServeError):
+    """A configuration file is invalid. The message names the file and the field or line."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ModelLoadError(FastServeError):
+    """A model version could not be loaded."""
+
+    def __init__(self, name: str, version: str, problem: str) -> None:
+        self.name = name
+        self.version = version
+        self.problem = problem
+        super().__init__(f"cannot load model '{name}' version {version}: {problem}")
