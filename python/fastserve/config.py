@@ -1,0 +1,159 @@
+"""Model and server configuration, validated with pydantic.
+
+Every model folder holds a ``config.yaml``. Unknown keys are errors (``extra="forbid"``),
+so a typo is reported with the file, the line and the field instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fastserve.errors import ConfigError
+
+MODEL_CONFIG_FILE = "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """How the native batcher forms batches (semantics follow Triton's dynamic batcher)."""
+
+    max_batch_size: int = Field(32, ge=1, le=65536)
+    """Most rows (first dimension) in one batch. 1 turns batching off."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Release a batch at once when the queued rows add up to one of these sizes."""
+    max_queue_delay_us: int = Field(500, ge=0, le=10_000_000)
+    """Longest time the oldest queued request waits for a batch to fill, in microseconds."""
+    max_queue_size: int = Field(1024, ge=1, le=1_000_000)
+    """Requests queued at most; one more is refused at once with 503 and Retry-After."""
+    queue_timeout_us: int = Field(0, ge=0, le=3_600_000_000)
+    """Default deadline in the queue, in microseconds (0: none). A request's ``timeout``
+    parameter overrides it. A request still queued at its deadline gets 503 and never runs."""
+    priority_levels: int = Field(1, ge=1, le=16)
+    """Number of priority levels; a request's ``priority`` parameter 1 is the highest."""
+    default_priority: int = Field(0, ge=0)
+    """Level of requests that give no priority (0: the lowest level)."""
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> BatchingConfig:
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"preferred batch size {size} is outside 1..max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+        if len(set(self.preferred_batch_sizes)) != len(self.preferred_batch_sizes):
+            raise ValueError("preferred_batch_sizes has duplicates")
+        if self.default_priority > self.priority_levels:
+            raise ValueError(
+                f"default_priority {self.default_priority} is above priority_levels "
+                f"({self.priority_levels})"
+            )
+        return self
+
+    def priority_index(self, priority: int) -> int:
+        """Map a Triton-style priority (1 highest, 0 default) to the core's level (0 highest)."""
+        if priority == 0:
+            priority = self.default_priority or self.priority_levels
+        return priority - 1
+
+
+class OnnxRuntimeConfig(_Strict):
+    """Settings of the onnxruntime sessions of a model."""
+
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when onnxruntime has it and a CUDA device is present, else CPU."""
+    intra_op_threads: int = Field(1, ge=0, le=256)
+    """Threads inside one operator (0: onnxruntime's default, one per core)."""
+    inter_op_threads: int = Field(1, ge=0, le=256)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class ModelConfig(_Strict):
+    """The ``config.yaml`` of one model folder."""
+
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    batching: BatchingConfig = BatchingConfig()
+    instance_count: int = Field(1, ge=1, le=64)
+    """Model instances, each with its own session and worker thread."""
+    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    warmup: bool = True
+    """Run generated inputs through each instance before the model is reported ready."""
+    description: str = ""
+
+
+def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based line of the YAML node at ``loc`` (a pydantic error location), if found."""
+    node = root
+    line = None if node is None else node.start_mark.line + 1
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return line
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Parse and validate a model's ``config.yaml``; raise ConfigError naming file, line, field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.__class__.__name__}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), f"{where}invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "line 1: the top level must be a mapping of settings")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            line = _node_line(root, loc)
+            where = f"line {line}: " if line is not None else ""
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting (check the spelling)"
+            problems.append(f"{where}{field}: {msg}")
+        raise ConfigError(str(path), "; ".join(problems)) from None
+
+
+class ServerConfig(_Strict):
+    """Settings of one server process (from the command line)."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest request body accepted, after decompression (413 above it)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A client that has not sent its whole body in this time gets 408."""
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM, time given to in-flight requests before the process exits."""
+    keepalive_timeout_s: float = Field(75.0, gt=0)
