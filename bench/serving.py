@@ -1,0 +1,290 @@
+"""First-cut serving benchmark: fastserve with and without batching against the
+in-process onnxruntime ceiling, on the demo tabular model (breast_cancer, 30 features).
+
+    python bench/serving.py [--duration 5] [--repeats 3] [--rate 2000]
+
+The server runs pinned to CPU 0 and the load generator (wrk for the closed loop, an
+asyncio open-loop client) to CPU 1, so they do not share a core. Each closed-loop figure
+is the median of --repeats runs after a warm-up run that is thrown away. Compare ratios
+within one run; absolute numbers move with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+MODEL = "breast_cancer"
+
+CONFIGS = {
+    "batching": (
+        "batching:\n  max_batch_size: 64\n  max_queue_delay_us: 200\n  max_queue_size: 4096\n"
+        "onnxruntime:\n  intra_op_threads: 1\n  execution_provider: cpu\n"
+    ),
+    "no batching": (
+        "batching:\n  max_batch_size: 1\n  max_queue_delay_us: 0\n  max_queue_size: 4096\n"
+        "onnxruntime:\n  intra_op_threads: 1\n  execution_provider: cpu\n"
+    ),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: str) -> list[str]:
+    return (
+        ["taskset", "-c", cpu]
+        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+        else []
+    )  # type: ignore[operator]
+
+
+class Served:
+    def __init__(self, repo: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                *pinned(SERVER_CPU),
+                sys.executable,
+                "-m",
+                "fastserve",
+                "--log-level",
+                "WARNING",
+                "serve",
+                str(repo),
+                "--port",
+                str(self.port),
+            ],
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def wrk(url: str, body: Path, connections: int, duration: float) -> dict[str, float]:
+    env = {**os.environ, "BODY_FILE": str(body), "CONTENT_TYPE": "application/json"}
+    out = subprocess.run(
+        [
+            *pinned(CLIENT_CPU),
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(HERE / "wrk_post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    pct = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)", out, re.M))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": _ms(pct["50"]),
+        "p90_ms": _ms(pct["90"]),
+        "p99_ms": _ms(pct["99"]),
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else "",  # type: ignore[dict-item]
+    }
+
+
+def closed_loop(
+    url: str, body: Path, connections: int, duration: float, repeats: int
+) -> dict[str, float]:
+    wrk(url, body, connections, min(duration, 2.0))  # warm-up, thrown away
+    runs = [wrk(url, body, connections, duration) for _ in range(repeats)]
+    best = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
+    best["non_2xx"] = sum(r["non_2xx"] for r in runs)
+    return best
+
+
+def open_loop(url: str, body: Path, rate: float, duration: float) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            *pinned(CLIENT_CPU),
+            sys.executable,
+            str(HERE / "openloop.py"),
+            url,
+            str(body),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--poisson",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def ceiling(
+    model_file: Path, rows: np.ndarray, batch_sizes: list[int], seconds: float
+) -> dict[int, float]:
+    """Rows/s of onnxruntime session.run in-process, one thread, at each batch size."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    result = {}
+    for size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(rows, (size, rows.shape[1])).astype(np.float32))
+        for _ in range(50):
+            session.run(None, {name: batch})
+        n = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            session.run(None, {name: batch})
+            n += 1
+        result[size] = n * size / (time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--rate", type=float, default=2000.0, help="open-loop offered rate (req/s)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed for the closed loop: apt-get install wrk")
+
+    from fastserve.demo import build_demo_repository, example_rows
+
+    work = Path(tempfile.mkdtemp(prefix="fastserve-bench-"))
+    demo = build_demo_repository(work / "demo")
+    rows, _ = example_rows(MODEL, 1)
+    body = work / "body.json"
+    body.write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 30],
+                        "datatype": "FP32",
+                        "data": rows.ravel().tolist(),
+                    }
+                ]
+            }
+        )
+    )
+    results: dict[str, object] = {
+        "model": MODEL,
+        "request": "1 row, JSON",
+        "closed": {},
+        "open": {},
+    }
+    for label, config in CONFIGS.items():
+        repo = work / label.replace(" ", "_")
+        repo.mkdir()
+        shutil.copytree(demo / MODEL, repo / MODEL)
+        (repo / MODEL / "config.yaml").write_text(config)
+        server = Served(repo)
+        try:
+            url = f"{server.url}/v2/models/{MODEL}/infer"
+            closed = {
+                c: closed_loop(url, body, c, args.duration, args.repeats) for c in args.concurrency
+            }
+            results["closed"][label] = closed  # type: ignore[index]
+            results["open"][label] = open_loop(url, body, args.rate, args.duration)  # type: ignore[index]
+        finally:
+            server.stop()
+    results["ceiling_rows_per_s"] = ceiling(
+        demo / MODEL / "1" / "model.onnx", rows, [1, 8, 32, 64], 1.0
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(render(results, args.rate))
+
+
+def render(results: dict, rate: float) -> str:  # type: ignore[type-arg]
+    lines = [
+        f"model {results['model']}, {results['request']}; "
+        f"server on CPU {SERVER_CPU}, load on CPU {CLIENT_CPU}",
+        "",
+        "| server | load | req/s | p50 ms | p90 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, closed in results["closed"].items():
+        for c, r in closed.items():
+            lines.append(
+                f"| fastserve, {label} | closed, {c} conn | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} |"
+            )
+        o = results["open"][label]
+        lines.append(
+            f"| fastserve, {label} | open, {rate:,.0f}/s Poisson | {o['achieved_rps']:,.0f} | "
+            f"{o['p50_ms']:.2f} | {o['p90_ms']:.2f} | {o['p99_ms']:.2f} | {o['errors']} |"
+        )
+    for size, rps in results["ceiling_rows_per_s"].items():
+        lines.append(
+            f"| onnxruntime session.run in-process | batch {size} | {rps:,.0f} rows/s | | | | |"
+        )
+    closed = results["closed"]
+    if "batching" in closed and "no batching" in closed:
+        top = max(closed["batching"])
+        ratio = closed["batching"][top]["rps"] / closed["no batching"][top]["rps"]
+        lines += ["", f"batching / no batching at {top} connections: {ratio:.2f}x"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

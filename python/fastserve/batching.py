@@ -1,0 +1,186 @@
+"""The asyncio face of the native batcher, and the worker threads that run a backend.
+
+One ``ModelBatcher`` per served model version. Requests are submitted to ``_core.Batcher``
+from the event loop without copying their tensors; worker threads (one per model instance)
+block in ``next_batch()`` with the GIL released, run the backend on the gathered batch and
+hand the outputs back to the core, which scatters them per request. The core signals a pipe
+at most once per batch; the event loop reads it and resolves every finished request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
+
+from fastserve import _core
+from fastserve.config import BatchingConfig
+from fastserve.errors import InferenceFailed, Overloaded, QueueTimeout, ServerStopping
+
+log = logging.getLogger("fastserve.batching")
+
+Runner = Callable[[list[npt.NDArray[Any]]], list[npt.NDArray[Any]]]
+"""Runs one batch: inputs in signature order -> outputs in signature order."""
+
+_RELEASE_REASONS = ("full", "preferred", "delay", "drain")
+
+
+@dataclass
+class BatchStats:
+    """What the workers saw, for the statistics endpoint. Updated once per batch."""
+
+    executions: int = 0
+    rows: int = 0
+    compute_ns: int = 0
+    failures: int = 0
+    by_size: dict[int, list[int]] = field(default_factory=dict)
+    """rows -> [batches, compute ns]"""
+    by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_RELEASE_REASONS, 0))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, rows: int, reason: str, compute_ns: int, ok: bool) -> None:
+        with self.lock:
+            self.executions += 1
+            self.rows += rows
+            self.compute_ns += compute_ns
+            if not ok:
+                self.failures += 1
+            entry = self.by_size.setdefault(rows, [0, 0])
+            entry[0] += 1
+            entry[1] += compute_ns
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+
+def make_policy(config: BatchingConfig) -> _core.BatchPolicy:
+    return _core.BatchPolicy(
+        max_batch_size=config.max_batch_size,
+        preferred_batch_sizes=list(config.preferred_batch_sizes),
+        max_queue_delay_us=config.max_queue_delay_us,
+        max_queue_size=config.max_queue_size,
+        default_timeout_us=config.queue_timeout_us,
+        priority_levels=config.priority_levels,
+    )
+
+
+class ModelBatcher:
+    """Queue, batch and run requests for one model version."""
+
+    def __init__(self, label: str, config: BatchingConfig, runners: Sequence[Runner]) -> None:
+        if not runners:
+            raise ValueError("a batcher needs at least one runner (model instance)")
+        self.label = label
+        self.config = config
+        self.stats = BatchStats()
+        self._core = _core.Batcher(make_policy(config))
+        self._runners = list(runners)
+        self._threads: list[threading.Thread] = []
+        self._pending: dict[int, asyncio.Future[_core.Completion]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the worker threads and listen for completions on ``loop``."""
+        self._loop = loop
+        loop.add_reader(self._core.notify_fd, self._deliver)
+        for i, runner in enumerate(self._runners):
+            thread = threading.Thread(
+                target=self._work, args=(runner,), name=f"fastserve-{self.label}-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    async def stop(self) -> None:
+        """Refuse new work, let the queue drain through the workers, then join them."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._core.stop()
+        await asyncio.to_thread(self._join)
+        self._deliver()  # completions of the last batches
+        if self._loop is not None:
+            self._loop.remove_reader(self._core.notify_fd)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+    def hold(self, n: int) -> None:
+        """Test hook: release no batch until ``n`` requests are queued (0 lifts the hold)."""
+        self._core.hold(n)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._core.queue_depth
+
+    def core_stats(self) -> dict[str, int]:
+        return self._core.stats()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def infer(
+        self, inputs: list[npt.NDArray[Any]], *, priority: int = 0, timeout_us: int = -1
+    ) -> _core.Completion:
+        """Run one request through the batcher; returns its completion.
+
+        ``inputs`` must be C-contiguous arrays in signature order; they are read in place.
+        """
+        loop = self._loop
+        assert loop is not None, "ModelBatcher.start() was not called"
+        try:
+            request_id = self._core.submit(inputs, priority, timeout_us)
+        except _core.QueueFull:
+            raise Overloaded(self.label) from None
+        except _core.Stopped:
+            raise ServerStopping(f"model '{self.label}'") from None
+        future: asyncio.Future[_core.Completion] = loop.create_future()
+        self._pending[request_id] = future
+        completion = await future
+        status = completion.status
+        if status == "ok":
+            return completion
+        if status == "timeout":
+            raise QueueTimeout(self.label)
+        raise InferenceFailed(completion.error)
+
+    def _deliver(self) -> None:
+        pending = self._pending
+        for completion in self._core.poll():
+            future = pending.pop(completion.id, None)
+            # A cancelled waiter (client gone) still had its tensors kept alive until now.
+            if future is not None and not future.done():
+                future.set_result(completion)
+
+    # -- worker threads ---------------------------------------------------------------------
+
+    def _work(self, runner: Runner) -> None:
+        core = self._core
+        stats = self.stats
+        while True:
+            batch = core.next_batch()
+            if batch is None:
+                return
+            rows, reason = batch.rows, batch.reason
+            started = time.perf_counter_ns()
+            try:
+                outputs = runner(batch.inputs)
+                batch.complete(outputs)
+            except Exception as exc:  # the error belongs to this batch's requests alone
+                message = _short_error(exc)
+                log.error("model %s: batch of %d rows failed: %s", self.label, rows, message)
+                batch.fail(f"inference failed: {message}")
+                stats.record(rows, reason, time.perf_counter_ns() - started, ok=False)
+            else:
+                stats.record(rows, reason, time.perf_counter_ns() - started, ok=True)
+
+
+def _short_error(exc: BaseException, limit: int = 200) -> str:
+    text = f"{exc.__class__.__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

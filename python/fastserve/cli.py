@@ -1,0 +1,109 @@
+"""The ``fastserve`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fastserve import __version__
+from fastserve.config import ServerConfig
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fastserve.server import Server
+
+    if args.repository is None:
+        from fastserve.demo import demo_repository_path
+
+        repository = demo_repository_path()
+    else:
+        repository = Path(args.repository)
+    if not repository.is_dir():
+        print(f"fastserve: model repository {repository} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        config = ServerConfig(
+            repository=repository,
+            host=args.host,
+            port=args.port,
+            max_body_bytes=args.max_body_bytes,
+            body_timeout_s=args.body_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except ValidationError as exc:
+        print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    _run(Server(config).serve_forever())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastserve.demo import build_demo_repository, demo_repository_path
+
+    path = build_demo_repository(Path(args.out), force=args.force) if args.out else None
+    print(path or demo_repository_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over HTTP (KServe V2)")
+    serve.add_argument(
+        "repository", nargs="?", help="model repository folder (default: the bundled demo)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=64 << 20, help="request body limit (default 64 MiB)"
+    )
+    serve.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds to receive a body (408)"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on SIGTERM",
+    )
+    serve.set_defaults(func=_serve)
+
+    demo = commands.add_parser("demo", help="build the demo model repository and print its path")
+    demo.add_argument("--out", help="folder to build it in (default: the user cache)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

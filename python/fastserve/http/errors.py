@@ -1,0 +1,63 @@
+"""The one table that maps fastserve errors to HTTP statuses."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+from aiohttp import web
+
+from fastserve import errors
+
+_STATUS: tuple[tuple[type[errors.FastServeError], int], ...] = (
+    (errors.InvalidRequest, 400),
+    (errors.ModelNotFound, 404),
+    (errors.RequestTimeout, 408),
+    (errors.PayloadTooLarge, 413),
+    (errors.UnsupportedMediaType, 415),
+    (errors.ModelNotReady, 503),
+    (errors.Unavailable, 503),
+    (errors.InferenceFailed, 500),
+)
+
+_MAX_MESSAGE = 300
+
+
+def status_of(exc: errors.FastServeError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 3] + "..."
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def from_exception(exc: errors.FastServeError) -> web.Response:
+    status = status_of(exc)
+    headers = None
+    if isinstance(exc, errors.Unavailable | errors.ModelNotReady):
+        retry = getattr(exc, "retry_after_s", 1.0)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+    return error_response(status, str(exc), headers)
+
+
+def outcome_of(exc: errors.FastServeError) -> str:
+    """The bounded outcome label of a failed request (for statistics and metrics)."""
+    if isinstance(exc, errors.Overloaded | errors.ServerStopping | errors.ModelNotReady):
+        return "rejected"
+    if isinstance(exc, errors.QueueTimeout):
+        return "timeout"
+    if status_of(exc) < 500:
+        return "invalid"
+    return "error"

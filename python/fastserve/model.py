@@ -1,0 +1,101 @@
+"""A served model version: its config, backend sessions, signature and batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastserve.backends.onnxruntime import OnnxRuntimeSession
+from fastserve.batching import ModelBatcher
+from fastserve.config import ModelConfig
+from fastserve.errors import ModelLoadError
+from fastserve.protocol import ModelSignature
+from fastserve.stats import RequestStats, model_statistics
+
+log = logging.getLogger("fastserve.model")
+
+PLATFORM = "onnxruntime_onnx"
+
+
+class ModelState(str, enum.Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    config: ModelConfig
+    signature: ModelSignature
+    sessions: list[OnnxRuntimeSession]
+    batcher: ModelBatcher
+    state: ModelState = ModelState.LOADING
+    request_stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def provider(self) -> str:
+        return self.sessions[0].provider
+
+    @classmethod
+    def load(cls, name: str, version: str, model_file: Path, config: ModelConfig) -> ServedModel:
+        """Create the sessions (one per instance), check and warm them up. Blocking."""
+        sessions = [
+            OnnxRuntimeSession.load(model_file, config.onnxruntime, name=name, version=version)
+            for _ in range(config.instance_count)
+        ]
+        signature = sessions[0].signature
+        if config.warmup:
+            for session in sessions:
+                try:
+                    session.warmup(config.batching.max_batch_size)
+                except Exception as exc:
+                    raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
+        batcher = ModelBatcher(f"{name}:{version}", config.batching, [s.run for s in sessions])
+        log.info(
+            "model %s:%s loaded on %s (%d instance(s), max batch %d)",
+            name,
+            version,
+            sessions[0].provider,
+            len(sessions),
+            config.batching.max_batch_size,
+        )
+        return cls(name, version, config, signature, sessions, batcher)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.batcher.start(loop)
+        self.state = ModelState.READY
+
+    async def stop(self) -> None:
+        self.state = ModelState.UNLOADING
+        await self.batcher.stop()
+        self.state = ModelState.UNAVAILABLE
+
+    def statistics(self) -> dict[str, Any]:
+        return model_statistics(
+            self.name,
+            self.version,
+            self.request_stats,
+            self.batcher.stats,
+            self.batcher.core_stats(),
+            self.batcher.queue_depth,
+        )
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": PLATFORM,
+            "inputs": [spec.as_metadata() for spec in self.signature.inputs],
+            "outputs": [spec.as_metadata() for spec in self.signature.outputs],
+        }

@@ -1,0 +1,87 @@
+"""Start, drain and stop one fastserve process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from fastserve.config import ServerConfig
+from fastserve.http.app import ServerState, create_app
+from fastserve.registry import Registry
+
+log = logging.getLogger("fastserve.server")
+
+
+class Server:
+    """The HTTP server and the models it serves.
+
+    ``start()`` listens first (live, not ready), loads the repository, then reports ready.
+    ``stop()`` drains: readiness goes down and new inference is refused, in-flight requests
+    finish (up to ``drain_timeout_s``), then connections close and the batchers empty.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = Registry(config.repository)
+        self.state = ServerState(config, self.registry)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        runner = web.AppRunner(
+            create_app(self.state),
+            access_log=None,
+            auto_decompress=False,  # we inflate ourselves, bounded by max_body_bytes
+            shutdown_timeout=config.drain_timeout_s,
+            keepalive_timeout=config.keepalive_timeout_s,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        self.port = _bound_port(runner)
+        log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
+        await self.registry.load_all()
+        self.state.started = True
+        ready = "ready" if self.state.ready else "NOT ready: a model failed to load"
+        log.info(
+            "serving %d model(s) from %s: %s", len(self.registry.models()), config.repository, ready
+        )
+
+    async def stop(self) -> None:
+        state = self.state
+        if state.draining:
+            return
+        state.begin_drain()
+        log.info("draining: readiness down, %d request(s) in flight", state.inflight)
+        try:
+            await asyncio.wait_for(state.drained.wait(), self.config.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: %d request(s) still in flight", state.inflight)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.registry.stop_all()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain and return."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("the server is not bound to a TCP port")

@@ -1,0 +1,89 @@
+"""Per-model request statistics in the shape of Triton's statistics extension."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastserve.batching import BatchStats
+
+
+def _duration(count: int, ns: int) -> dict[str, int]:
+    return {"count": count, "ns": ns}
+
+
+@dataclass
+class RequestStats:
+    """Counted on the event loop only, so no lock is needed."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    rows: int = 0
+    last_inference_ms: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def record_success(self, rows: int, total_ns: int, queue_ns: int, compute_ns: int) -> None:
+        self.success += 1
+        self.success_ns += total_ns
+        self.queue_ns += queue_ns
+        self.compute_ns += compute_ns
+        self.rows += rows
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def record_failure(self, outcome: str, total_ns: int) -> None:
+        self.fail += 1
+        self.fail_ns += total_ns
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def model_statistics(
+    name: str,
+    version: str,
+    requests: RequestStats,
+    batches: BatchStats,
+    core: dict[str, int],
+    queue_depth: int,
+) -> dict[str, Any]:
+    with batches.lock:
+        by_size = sorted(batches.by_size.items())
+        executions = batches.executions
+        by_reason = dict(batches.by_reason)
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": requests.last_inference_ms,
+        "inference_count": requests.rows,
+        "execution_count": executions,
+        "inference_stats": {
+            "success": _duration(requests.success, requests.success_ns),
+            "fail": _duration(requests.fail, requests.fail_ns),
+            "queue": _duration(requests.success, requests.queue_ns),
+            "compute_input": _duration(0, 0),
+            "compute_infer": _duration(requests.success, requests.compute_ns),
+            "compute_output": _duration(0, 0),
+            "cache_hit": _duration(0, 0),
+            "cache_miss": _duration(0, 0),
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": _duration(0, 0),
+                "compute_infer": _duration(count, ns),
+                "compute_output": _duration(0, 0),
+            }
+            for size, (count, ns) in by_size
+        ],
+        # fastserve's own figures, beyond Triton's document
+        "batching": {
+            "queue_depth": queue_depth,
+            "batches_by_release_reason": by_reason,
+            "rejected_queue_full": core.get("rejected_full", 0),
+            "timed_out_in_queue": core.get("timed_out", 0),
+            "failures_by_outcome": dict(requests.outcomes),
+        },
+    }

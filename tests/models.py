@@ -1,0 +1,60 @@
+"""Small ONNX models built in tests with onnx.helper (no training, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+IR_VERSION = 9  # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14 by default
+OPSET = 17
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def adder(width: int = 4) -> onnx.ModelProto:
+    """sum = a + b and diff = a - b, two FP32 inputs [-1, width]: results are checkable per row."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", width])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", width])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", width])
+    diff = helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["batch", width])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Sub", ["a", "b"], ["diff"]),
+        ],
+        "adder",
+        [a, b],
+        [total, diff],
+    )
+    return helper.make_model(
+        graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+
+
+def add_adder(
+    repo: Path, config: str = "batching:\n  max_batch_size: 8\n  max_queue_delay_us: 1000\n"
+) -> None:
+    save(adder(), repo / "adder" / "1" / "model.onnx")
+    (repo / "adder" / "config.yaml").write_text(config)
+
+
+def reference(model_file: Path, rows: Any) -> dict[str, Any]:
+    """The model's own outputs for ``rows``, from a plain onnxruntime session (no server)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {name: rows}), strict=True))
+
+
+def predict(repo: Path, model: str, rows: Any) -> dict[str, Any]:
+    return reference(repo / model / "1" / "model.onnx", rows)

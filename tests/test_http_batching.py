@@ -1,0 +1,174 @@
+"""Batching behaviour seen over HTTP: queue bound, deadlines, priority, formed batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import running, write_config
+from fastserve.config import ServerConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+ADDER = "/v2/models/adder/infer"
+
+
+def adder_body(value: float, **parameters: Any) -> dict[str, Any]:
+    row = [value] * 4
+    body: dict[str, Any] = {
+        "inputs": [
+            {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": row},
+            {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": row},
+        ]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+async def post(
+    session: aiohttp.ClientSession, body: dict[str, Any]
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with session.post(ADDER, json=body) as resp:
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def wait_for_depth(batcher: Any, depth: int) -> None:
+    for _ in range(2000):
+        if batcher.queue_depth >= depth:
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"queue never reached {depth} (at {batcher.queue_depth})")
+
+
+@pytest.fixture
+def adder_config(repo: Path, server_config: ServerConfig) -> ServerConfig:
+    write_config(
+        repo,
+        "adder",
+        "batching:\n  max_batch_size: 4\n  max_queue_delay_us: 1000\n  max_queue_size: 8\n"
+        "  priority_levels: 2\n",
+    )
+    return server_config
+
+
+async def test_full_queue_sheds_at_once_with_retry_after(adder_config: ServerConfig) -> None:
+    async with (
+        running(adder_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        batcher = srv.registry.get("adder").batcher
+        batcher.hold(100)
+        tasks = [asyncio.create_task(post(s, adder_body(i))) for i in range(10)]
+        await wait_for_depth(batcher, 8)
+        for _ in range(200):  # the two over the bound are answered at once, without the hold
+            if sum(t.done() for t in tasks) == 2:
+                break
+            await asyncio.sleep(0.005)
+        rejected = [t.result() for t in tasks if t.done()]
+        assert len(rejected) == 2
+        for status, doc, headers in rejected:
+            assert status == 503
+            assert "queue full" in doc["error"]
+            assert int(headers["Retry-After"]) >= 1
+        batcher.hold(0)
+        results = await asyncio.gather(*tasks)
+        assert sorted(r[0] for r in results) == [200] * 8 + [503] * 2
+        for status, doc, _ in results:
+            if status == 200:
+                value = doc["outputs"][0]["data"][0] / 2
+                assert doc["outputs"][0]["data"] == [value * 2] * 4
+
+
+async def test_request_past_its_deadline_gets_503_and_never_runs(
+    adder_config: ServerConfig,
+) -> None:
+    async with (
+        running(adder_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        model = srv.registry.get("adder")
+        model.batcher.hold(100)
+        started = time.monotonic()
+        status, doc, headers = await post(s, adder_body(1.0, timeout=50_000))
+        assert status == 503, doc
+        assert "timed out" in doc["error"]
+        assert "Retry-After" in headers
+        assert time.monotonic() - started >= 0.05
+        model.batcher.hold(0)
+        assert model.batcher.stats.executions == 0
+        stats = model.statistics()
+        assert stats["batching"]["timed_out_in_queue"] == 1
+        assert stats["inference_stats"]["fail"]["count"] == 1
+        # the batcher still serves
+        assert (await post(s, adder_body(2.0)))[0] == 200
+
+
+async def test_higher_priority_is_served_first(adder_config: ServerConfig, repo: Path) -> None:
+    write_config(
+        repo,
+        "adder",
+        "batching:\n  max_batch_size: 1\n  max_queue_delay_us: 0\n  priority_levels: 2\n",
+    )
+    async with (
+        running(adder_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        batcher = srv.registry.get("adder").batcher
+        batcher.hold(4)
+        finished: list[int] = []
+
+        async def send(value: int, priority: int) -> None:
+            status, _, _ = await post(s, adder_body(value, priority=priority))
+            assert status == 200
+            finished.append(value)
+
+        tasks = []
+        for value, priority in [(1, 2), (2, 2), (3, 1), (4, 1)]:
+            tasks.append(asyncio.create_task(send(value, priority)))
+            if len(tasks) < 4:  # the fourth opens the hold
+                await wait_for_depth(batcher, len(tasks))
+        await asyncio.gather(*tasks)
+        assert set(finished[:2]) == {3, 4}
+        assert set(finished[2:]) == {1, 2}
+
+
+async def test_concurrent_requests_share_batches(adder_config: ServerConfig) -> None:
+    async with (
+        running(adder_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        model = srv.registry.get("adder")
+        model.batcher.hold(8)
+        results = await asyncio.gather(*(post(s, adder_body(i)) for i in range(8)))
+        for i, (status, doc, _) in enumerate(results):
+            assert status == 200
+            assert doc["outputs"][0]["data"] == [2.0 * i] * 4  # each caller got its own rows
+        assert model.batcher.stats.executions == 2
+        assert model.batcher.stats.by_size == {4: [2, model.batcher.stats.by_size[4][1]]}
+        assert model.batcher.stats.by_reason["full"] == 2
+
+
+async def test_broken_config_leaves_the_model_unavailable_and_the_others_serving(
+    repo: Path, server_config: ServerConfig
+) -> None:
+    write_config(repo, "adder", "batching:\n  max_batch_size: 4\n  max_queue_dealy_us: 5\n")
+    async with (
+        running(server_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        async with s.get("/v2/health/ready") as resp:
+            assert resp.status == 503
+        async with s.get("/v2/models/adder/ready") as resp:
+            assert resp.status == 503
+        async with s.post(ADDER, json=adder_body(1.0)) as resp:
+            assert resp.status == 503
+        status = {st.name: st for st in srv.registry.statuses()}["adder"]
+        assert "config.yaml: line 3: batching.max_queue_dealy_us: unknown setting" in status.reason
+        async with s.get("/v2/models/digits/ready") as resp:
+            assert resp.status == 200
