@@ -45,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             body_timeout_s=args.body_timeout,
             drain_timeout_s=args.drain_timeout,
+            idle_timeout_s=args.idle_timeout,
         )
     except ValidationError as exc:
         print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds in-flight requests get on SIGTERM",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a connection may take to send a request head, or stay idle (default 15)",
     )
     serve.set_defaults(func=_serve)
 

@@ -156,4 +156,6 @@ class ServerConfig(_Strict):
     """A client that has not sent its whole body in this time gets 408."""
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM, time given to in-flight requests before the process exits."""
-    keepalive_timeout_s: float = Field(75.0, gt=0)
+    idle_timeout_s: float = Field(15.0, gt=0)
+    """A connection that has not sent a complete request head this long after connecting,
+    or after its last response, is closed: idle keep-alive and slow headers alike."""

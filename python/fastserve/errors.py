@@ -15,6 +15,13 @@ class InvalidRequest(FastServeError):
     """The request is malformed or does not match the model (HTTP 400)."""
 
 
+class ClientDisconnected(InvalidRequest):
+    """The client hung up before its whole body arrived (nobody is left to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__("client closed the connection before sending its whole body")
+
+
 class ModelNotFound(FastServeError):
     """No such model, or no such version of it (HTTP 404)."""
 

@@ -37,7 +37,12 @@ class Server:
             access_log=None,
             auto_decompress=False,  # we inflate ourselves, bounded by max_body_bytes
             shutdown_timeout=config.drain_timeout_s,
-            keepalive_timeout=config.keepalive_timeout_s,
+            # aiohttp arms this timer when a connection opens and after each response, and
+            # closes the connection if no complete request head has arrived when it fires
+            keepalive_timeout=config.idle_timeout_s,
+            # after answering a request whose body never finished (408, 413), read and drop
+            # what the client still sends for at most this long, then close (default 10 s)
+            lingering_time=1.0,
         )
         await runner.setup()
         self._runner = runner

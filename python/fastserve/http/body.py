@@ -7,7 +7,13 @@ import zlib
 
 from aiohttp import web
 
-from fastserve.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from fastserve.errors import (
+    ClientDisconnected,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -27,6 +33,8 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
         raise PayloadTooLarge(limit) from None
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+    except ConnectionError:
+        raise ClientDisconnected from None
     encoding = request.headers.get("Content-Encoding")
     if encoding:
         body = decompress(body, encoding.strip().lower(), limit)

@@ -49,7 +49,11 @@ def from_exception(exc: errors.FastServeError) -> web.Response:
     if isinstance(exc, errors.Unavailable | errors.ModelNotReady):
         retry = getattr(exc, "retry_after_s", 1.0)
         headers = {"Retry-After": str(max(1, math.ceil(retry)))}
-    return error_response(status, str(exc), headers)
+    response = error_response(status, str(exc), headers)
+    if isinstance(exc, errors.RequestTimeout | errors.PayloadTooLarge | errors.ClientDisconnected):
+        # the rest of the body is still on the connection (or never comes): do not reuse it
+        response.force_close()
+    return response
 
 
 def outcome_of(exc: errors.FastServeError) -> str:
