@@ -110,7 +110,7 @@ def wrk(url: str, body: Path, connections: int, duration: float) -> dict[str, fl
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{duration}s",
+            f"-d{max(1, round(duration))}s",
             "--latency",
             "-s",
             str(HERE / "wrk_post.lua"),
@@ -208,7 +208,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fastserve-bench-"))
     demo = build_demo_repository(work / "demo")
-    rows, _ = example_rows(MODEL, 1)
+    rows = example_rows(MODEL, 1)
     body = work / "body.json"
     body.write_text(
         json.dumps(

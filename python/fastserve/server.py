@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -51,6 +52,11 @@ class Server:
         self.port = _bound_port(runner)
         log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
         await self.registry.load_all()
+        # What start-up built (models, sessions, modules) lives as long as the process: keep
+        # it out of the collector's generations so collections on the request path stay
+        # short (measured: p99 at 64 connections 24 ms -> 8 ms).
+        gc.collect()
+        gc.freeze()
         self.state.started = True
         ready = "ready" if self.state.ready else "NOT ready: a model failed to load"
         log.info(

@@ -234,14 +234,17 @@ def create_app(state: ServerState) -> web.Application:
     )
     app[STATE] = state
     r = app.router
+    prefixes = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+    # the router tries dynamic routes in order: the hot one first
+    for prefix in prefixes:
+        r.add_post(prefix + "/infer", infer)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/models/stats", model_stats)
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    for prefix in prefixes:
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
         r.add_get(prefix + "/config", model_config)
         r.add_get(prefix + "/stats", model_stats)
-        r.add_post(prefix + "/infer", infer)
     return app
