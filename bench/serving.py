@@ -33,9 +33,11 @@ SERVER_CPU = "0"
 CLIENT_CPU = "1"
 MODEL = "breast_cancer"
 
+BATCHING_DELAY_US = 200
 CONFIGS = {
     "batching": (
-        "batching:\n  max_batch_size: 64\n  max_queue_delay_us: 200\n  max_queue_size: 4096\n"
+        "batching:\n  max_batch_size: 64\n"
+        f"  max_queue_delay_us: {BATCHING_DELAY_US}\n  max_queue_size: 4096\n"
         "onnxruntime:\n  intra_op_threads: 1\n  execution_provider: cpu\n"
     ),
     "no batching": (
@@ -279,10 +281,23 @@ def render(results: dict, rate: float) -> str:  # type: ignore[type-arg]
             f"| onnxruntime session.run in-process | batch {size} | {rps:,.0f} rows/s | | | | |"
         )
     closed = results["closed"]
+    lines.append("")
     if "batching" in closed and "no batching" in closed:
         top = max(closed["batching"])
         ratio = closed["batching"][top]["rps"] / closed["no batching"][top]["rps"]
-        lines += ["", f"batching / no batching at {top} connections: {ratio:.2f}x"]
+        lines.append(
+            f"target 1: batching / no batching at {top} connections = {ratio:.2f}x (target >= 2x)"
+        )
+    if 1 in closed.get("batching", {}):
+        model_ms = 1000.0 / results["ceiling_rows_per_s"][1]
+        delay_ms = BATCHING_DELAY_US / 1000.0
+        p99 = closed["batching"][1]["p99_ms"]
+        bound = delay_ms + model_ms + 1.0
+        verdict = "met" if p99 <= bound else "MISSED"
+        lines.append(
+            f"target 2: p99 at 1 connection = {p99:.2f} ms; max queue delay {delay_ms:.2f} ms + "
+            f"model {model_ms:.3f} ms + 1 ms = {bound:.2f} ms -> {verdict}"
+        )
     return "\n".join(lines)
 
 

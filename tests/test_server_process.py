@@ -112,7 +112,8 @@ def test_serve_with_no_argument_builds_and_serves_the_demo(tmp_path: Path, demo_
         assert proc.wait(timeout=30) == 0
         log.close()
     text = (tmp_path / "log").read_text()
-    assert "on CPUExecutionProvider" in text  # the provider serving each model is logged
+    assert "model digits:1 is served by onnxruntime" in text
+    assert "(CPUExecutionProvider)" in text  # the provider serving each model is logged
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(repo: Path) -> None:

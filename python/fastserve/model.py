@@ -63,10 +63,9 @@ class ServedModel:
                     raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
         batcher = ModelBatcher(f"{name}:{version}", config.batching, [s.run for s in sessions])
         log.info(
-            "model %s:%s loaded on %s (%d instance(s), max batch %d)",
+            "model %s:%s loaded: %d instance(s), max batch %d",
             name,
             version,
-            sessions[0].provider,
             len(sessions),
             config.batching.max_batch_size,
         )

@@ -268,19 +268,7 @@ def _inputs(
     names: set[str] = set()
     offset = 0
     for index, obj in enumerate(raw):
-        if type(obj) is not dict:
-            raise InvalidRequest(f"inputs[{index}] must be an object")
-        if msgpack_doc:
-            _check_keys(obj, f"inputs[{index}]")
-        name = obj.get("name")
-        if type(name) is not str or not name:
-            raise InvalidRequest(f"inputs[{index}]: 'name' must be a non-empty string")
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidRequest(f"inputs[{index}]: 'name' is longer than {MAX_NAME_LENGTH}")
-        label = f"input {_label(name)}"
-        if name in names:
-            raise InvalidRequest(f"{label} appears twice")
-        names.add(name)
+        name, label = _named_entry(obj, "input", index, names, msgpack_doc)
         datatype = obj.get("datatype")
         if type(datatype) is not str:
             raise InvalidRequest(f"{label}: 'datatype' must be a string")
@@ -346,6 +334,30 @@ def _shape(raw: Any, label: str, max_elements: int) -> tuple[tuple[int, ...], in
             f"{label}: the declared shape is too large (over {max_elements} elements)"
         )
     return tuple(raw), count
+
+
+def _named_entry(
+    obj: Any, kind: str, index: int, seen: set[str], msgpack_doc: bool
+) -> tuple[str, str]:
+    """Check one entry of ``inputs`` or ``outputs``: an object with a new, valid name.
+
+    Returns the name and the label error messages use for it.
+    """
+    where = f"{kind}s[{index}]"
+    if type(obj) is not dict:
+        raise InvalidRequest(f"{where} must be an object")
+    if msgpack_doc:
+        _check_keys(obj, where)
+    name = obj.get("name")
+    if type(name) is not str or not name:
+        raise InvalidRequest(f"{where}: 'name' must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"{where}: 'name' is longer than {MAX_NAME_LENGTH}")
+    label = f"{kind} {_label(name)}"
+    if name in seen:
+        raise InvalidRequest(f"{label} appears twice")
+    seen.add(name)
+    return name, label
 
 
 def _from_list(
@@ -544,19 +556,7 @@ def _outputs(raw: Any, msgpack_doc: bool) -> list[RequestedOutput] | None:
     outputs: list[RequestedOutput] = []
     names: set[str] = set()
     for index, obj in enumerate(raw):
-        if type(obj) is not dict:
-            raise InvalidRequest(f"outputs[{index}] must be an object")
-        if msgpack_doc:
-            _check_keys(obj, f"outputs[{index}]")
-        name = obj.get("name")
-        if type(name) is not str or not name:
-            raise InvalidRequest(f"outputs[{index}]: 'name' must be a non-empty string")
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidRequest(f"outputs[{index}]: 'name' is longer than {MAX_NAME_LENGTH}")
-        label = f"output {_label(name)}"
-        if name in names:
-            raise InvalidRequest(f"{label} is requested twice")
-        names.add(name)
+        name, label = _named_entry(obj, "output", index, names, msgpack_doc)
         parameters = _parameters(obj.get("parameters"), label, msgpack_doc)
         binary = parameters.get("binary_data")
         if binary is not None and type(binary) is not bool:
