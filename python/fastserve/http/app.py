@@ -158,7 +158,11 @@ def _request_options(request: InferenceRequest, model: ServedModel) -> tuple[int
 
 
 def _response_format(request: web.Request, content_type: str) -> str:
-    if content_type in _MSGPACK_TYPES:
+    """msgpack when the request was msgpack or asks for it, else JSON."""
+    if (
+        "msgpack" in content_type
+        and content_type.partition(";")[0].strip().lower() in _MSGPACK_TYPES
+    ):
         return "msgpack"
     accept = request.headers.get("Accept", "")
     if accept and ("application/msgpack" in accept or "application/x-msgpack" in accept):
@@ -189,8 +193,9 @@ async def _infer(
 ) -> web.StreamResponse:
     config = state.config
     body = await read_body(request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
-    content_type = request.content_type if "Content-Type" in request.headers else ""
     headers = request.headers
+    # the raw header: aiohttp's parsed request.content_type costs ~6 µs on first access
+    content_type = headers.get("Content-Type", "")
     inference = decode_request(
         body,
         content_type,
