@@ -245,6 +245,19 @@ async def test_get_on_infer_is_405(client: aiohttp.ClientSession) -> None:
         assert "POST" in resp.headers["Allow"]
 
 
+async def test_unknown_routes_and_methods_get_json_errors(client: aiohttp.ClientSession) -> None:
+    for method, path in [("GET", "/nope"), ("POST", "/v2/models"), ("PATCH", "/v2/x/y/z")]:
+        async with client.request(method, path) as resp:
+            assert resp.status == 404
+            assert "error" in await resp.json()
+    async with client.put("/v2/health/live") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET, HEAD"
+        assert "not allowed" in (await resp.json())["error"]
+    async with client.head("/v2/health/ready") as resp:
+        assert resp.status == 200
+
+
 async def test_body_limit_applies_before_and_after_decompression(
     client: aiohttp.ClientSession, server: Server
 ) -> None:

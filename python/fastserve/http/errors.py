@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import orjson
@@ -21,6 +22,8 @@ _STATUS: tuple[tuple[type[errors.FastServeError], int], ...] = (
 )
 
 _MAX_MESSAGE = 300
+
+log = logging.getLogger("fastserve.http")
 
 
 def status_of(exc: errors.FastServeError) -> int:
@@ -65,3 +68,18 @@ def outcome_of(exc: errors.FastServeError) -> str:
     if status_of(exc) < 500:
         return "invalid"
     return "error"
+
+
+def response_for(exc: Exception, request: web.Request) -> web.StreamResponse:
+    """The JSON error answer for any exception a handler raised (unexpected ones are logged
+    and answered 500 without detail)."""
+    if isinstance(exc, errors.FastServeError):
+        return from_exception(exc)
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return error_response(exc.status, exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.path[:200], exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+def method_not_allowed(request: web.Request, allow: str) -> web.Response:
+    return error_response(405, f"method {request.method[:16]} not allowed here", {"Allow": allow})
