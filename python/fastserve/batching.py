@@ -113,7 +113,8 @@ class ModelBatcher:
             thread.join()
 
     def hold(self, n: int) -> None:
-        """Test hook: release no batch until ``n`` requests are queued (0 lifts the hold)."""
+        """Test hook: release no batch until ``n`` requests are queued; the gate then stays
+        open (0 opens it now). Deadlines still expire while held."""
         self._core.hold(n)
 
     @property

@@ -78,6 +78,8 @@ class ServedModel:
     async def stop(self) -> None:
         self.state = ModelState.UNLOADING
         await self.batcher.stop()
+        for session in self.sessions:
+            session.close()
         self.state = ModelState.UNAVAILABLE
 
     def statistics(self) -> dict[str, Any]:
