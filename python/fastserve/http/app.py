@@ -18,7 +18,7 @@ from fastserve.errors import FastServeError, InvalidRequest, ServerStopping
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import decode_request, encode_response
-from fastserve.model import ServedModel
+from fastserve.model import PLATFORM, ServedModel
 from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.validation import validate_inputs, validate_outputs
@@ -72,8 +72,9 @@ def endpoint(**methods: Handler) -> Handler:
     """One route's handler: dispatch on the method (JSON 405 with ``Allow`` otherwise) and map
     every error to its status and a JSON body, in one place.
 
-    This does what an error middleware would, without one: aiohttp rebuilds the middleware
-    chain for every request, which cost 8 % of throughput on the inference path (measured).
+    This is what an error middleware would do. There is none because aiohttp runs
+    middlewares on every request, the inference one included, which is registered bare and
+    does the same checks inline (see ``infer``): one coroutine layer less on the hot path.
     """
     if "GET" in methods:
         methods.setdefault("HEAD", methods["GET"])
@@ -138,7 +139,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def model_config(request: web.Request) -> web.Response:
     model = _model(request)
     doc = model.config.model_dump(mode="json")
-    doc.update(name=model.name, version=model.version, platform="onnxruntime_onnx")
+    doc.update(name=model.name, version=model.version, platform=PLATFORM)
     doc["max_batch_size"] = model.config.batching.max_batch_size
     return _json(doc)
 
