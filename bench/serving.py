@@ -62,15 +62,16 @@ def pinned(cpu: str) -> list[str]:
 
 
 class Served:
-    def __init__(self, repo: Path) -> None:
+    """``fastserve serve REPO`` pinned to the server CPU; ``launcher`` replaces ``-m fastserve``."""
+
+    def __init__(self, repo: Path, launcher: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        command = launcher or [sys.executable, "-m", "fastserve"]
         self.proc = subprocess.Popen(
             [
                 *pinned(SERVER_CPU),
-                sys.executable,
-                "-m",
-                "fastserve",
+                *command,
                 "--log-level",
                 "WARNING",
                 "serve",
@@ -193,6 +194,16 @@ def ceiling(
     return result
 
 
+def write_body(path: Path, rows: np.ndarray) -> None:
+    """The single-row JSON request every closed-loop run sends."""
+    doc = {
+        "inputs": [
+            {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": rows.ravel().tolist()}
+        ]
+    }
+    path.write_text(json.dumps(doc))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,20 +223,7 @@ def main() -> None:
     demo = build_demo_repository(work / "demo")
     rows = example_rows(MODEL, 1)
     body = work / "body.json"
-    body.write_text(
-        json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "shape": [1, 30],
-                        "datatype": "FP32",
-                        "data": rows.ravel().tolist(),
-                    }
-                ]
-            }
-        )
-    )
+    write_body(body, rows)
     results: dict[str, object] = {
         "model": MODEL,
         "request": "1 row, JSON",
