@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 
 from fastserve.config import ServerConfig
-from fastserve.http.app import ServerState, create_app
+from fastserve.http.app import ServerState, create_server
 from fastserve.registry import Registry
 
 log = logging.getLogger("fastserve.server")
@@ -28,22 +28,25 @@ class Server:
         self.config = config
         self.registry = Registry(config.repository)
         self.state = ServerState(config, self.registry)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         config = self.config
-        runner = web.AppRunner(
-            create_app(self.state),
-            access_log=None,
-            auto_decompress=False,  # we inflate ourselves, bounded by max_body_bytes
+        runner = web.ServerRunner(
+            create_server(
+                self.state,
+                access_log=None,
+                auto_decompress=False,  # we inflate ourselves, bounded by max_body_bytes
+                # aiohttp arms this timer when a connection opens and after each response,
+                # and closes the connection if no complete request head has arrived when it
+                # fires: idle keep-alive and slow heads alike
+                keepalive_timeout=config.idle_timeout_s,
+                # after answering a request whose body never finished (408, 413), read and
+                # drop what the client still sends for at most this long, then close
+                lingering_time=1.0,
+            ),
             shutdown_timeout=config.drain_timeout_s,
-            # aiohttp arms this timer when a connection opens and after each response, and
-            # closes the connection if no complete request head has arrived when it fires
-            keepalive_timeout=config.idle_timeout_s,
-            # after answering a request whose body never finished (408, 413), read and drop
-            # what the client still sends for at most this long, then close (default 10 s)
-            lingering_time=1.0,
         )
         await runner.setup()
         self._runner = runner
@@ -91,7 +94,7 @@ class Server:
             await self.stop()
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])

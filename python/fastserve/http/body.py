@@ -18,7 +18,7 @@ from fastserve.errors import (
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: web.BaseRequest, *, limit: int, timeout_s: float) -> bytes:
     """The whole body, decompressed; 413 past ``limit``, 408 when slower than ``timeout_s``."""
     length = request.content_length
     if length is not None and length > limit:

@@ -70,7 +70,7 @@ def outcome_of(exc: errors.FastServeError) -> str:
     return "error"
 
 
-def response_for(exc: Exception, request: web.Request) -> web.StreamResponse:
+def response_for(exc: Exception, request: web.BaseRequest) -> web.StreamResponse:
     """The JSON error answer for any exception a handler raised (unexpected ones are logged
     and answered 500 without detail)."""
     if isinstance(exc, errors.FastServeError):
@@ -81,5 +81,5 @@ def response_for(exc: Exception, request: web.Request) -> web.StreamResponse:
     return error_response(500, "internal server error")
 
 
-def method_not_allowed(request: web.Request, allow: str) -> web.Response:
+def method_not_allowed(request: web.BaseRequest, allow: str) -> web.Response:
     return error_response(405, f"method {request.method[:16]} not allowed here", {"Allow": allow})
