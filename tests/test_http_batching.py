@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from conftest import running, write_config
+from fastserve.backends.onnxruntime import OnnxRuntimeSession
 from fastserve.config import ServerConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -172,3 +173,34 @@ async def test_broken_config_leaves_the_model_unavailable_and_the_others_serving
         assert "config.yaml: line 3: batching.max_queue_dealy_us: unknown setting" in status.reason
         async with s.get("/v2/models/digits/ready") as resp:
             assert resp.status == 200
+
+
+async def test_several_instances_each_run_batches(
+    repo: Path, server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(
+        repo,
+        "adder",
+        "batching:\n  max_batch_size: 2\n  max_queue_delay_us: 0\ninstance_count: 2\n",
+    )
+    ran: set[int] = set()  # the sessions (instances) that ran a batch
+    original = OnnxRuntimeSession.run
+
+    def tracking(self: OnnxRuntimeSession, inputs: Any) -> Any:
+        ran.add(id(self))
+        time.sleep(0.002)  # long enough that one worker cannot take every batch
+        return original(self, inputs)
+
+    monkeypatch.setattr(OnnxRuntimeSession, "run", tracking)
+    async with (
+        running(server_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        model = srv.registry.get("adder")
+        assert len(model.sessions) == 2
+        ran.clear()  # warm-up ran both: count traffic only
+        results = await asyncio.gather(*(post(s, adder_body(i)) for i in range(40)))
+        for i, (status, doc, _) in enumerate(results):
+            assert status == 200
+            assert doc["outputs"][0]["data"] == [2.0 * i] * 4
+        assert ran >= {id(session) for session in model.sessions}
