@@ -38,8 +38,8 @@ async def round_trips(concurrency: int, requests: int, delay_us: int) -> tuple[f
     await asyncio.gather(*(client(per_client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     await batcher.stop()
-    stats = batcher.stats
-    return elapsed / (per_client * concurrency) * 1e6, stats.rows / max(stats.executions, 1)
+    core = batcher.core_stats()
+    return elapsed / (per_client * concurrency) * 1e6, core["rows"] / max(core["batches"], 1)
 
 
 async def main() -> None:

@@ -102,7 +102,7 @@ async def test_request_past_its_deadline_gets_503_and_never_runs(
         assert "Retry-After" in headers
         assert time.monotonic() - started >= 0.05
         model.batcher.hold(0)
-        assert model.batcher.stats.executions == 0
+        assert model.batcher.core_stats()["batches"] == 0
         stats = model.statistics()
         assert stats["batching"]["timed_out_in_queue"] == 1
         assert stats["inference_stats"]["fail"]["count"] == 1
@@ -150,9 +150,9 @@ async def test_concurrent_requests_share_batches(adder_config: ServerConfig) -> 
         for i, (status, doc, _) in enumerate(results):
             assert status == 200
             assert doc["outputs"][0]["data"] == [2.0 * i] * 4  # each caller got its own rows
-        assert model.batcher.stats.executions == 2
-        assert model.batcher.stats.by_size == {4: [2, model.batcher.stats.by_size[4][1]]}
-        assert model.batcher.stats.by_reason["full"] == 2
+        core = model.batcher.core_stats()
+        assert core["batches"] == core["batches_full"] == 2
+        assert [(rows, n) for rows, n, _ in model.batcher.batch_sizes.snapshot()] == [(4, 2)]
 
 
 async def test_broken_config_leaves_the_model_unavailable_and_the_others_serving(

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.typing as npt
@@ -22,39 +21,12 @@ import numpy.typing as npt
 from fastserve import _core
 from fastserve.config import BatchingConfig
 from fastserve.errors import InferenceFailed, Overloaded, QueueTimeout, ServerStopping
+from fastserve.stats import BatchSizes
 
 log = logging.getLogger("fastserve.batching")
 
 Runner = Callable[[list[npt.NDArray[Any]]], list[npt.NDArray[Any]]]
 """Runs one batch: inputs in signature order -> outputs in signature order."""
-
-_RELEASE_REASONS = ("full", "preferred", "delay", "drain")
-
-
-@dataclass
-class BatchStats:
-    """What the workers saw, for the statistics endpoint. Updated once per batch."""
-
-    executions: int = 0
-    rows: int = 0
-    compute_ns: int = 0
-    failures: int = 0
-    by_size: dict[int, list[int]] = field(default_factory=dict)
-    """rows -> [batches, compute ns]"""
-    by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_RELEASE_REASONS, 0))
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, rows: int, reason: str, compute_ns: int, ok: bool) -> None:
-        with self.lock:
-            self.executions += 1
-            self.rows += rows
-            self.compute_ns += compute_ns
-            if not ok:
-                self.failures += 1
-            entry = self.by_size.setdefault(rows, [0, 0])
-            entry[0] += 1
-            entry[1] += compute_ns
-            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
 
 
 def make_policy(config: BatchingConfig) -> _core.BatchPolicy:
@@ -76,7 +48,7 @@ class ModelBatcher:
             raise ValueError("a batcher needs at least one runner (model instance)")
         self.label = label
         self.config = config
-        self.stats = BatchStats()
+        self.batch_sizes = BatchSizes()
         self._core = _core.Batcher(make_policy(config))
         self._runners = list(runners)
         self._threads: list[threading.Thread] = []
@@ -163,12 +135,12 @@ class ModelBatcher:
 
     def _work(self, runner: Runner) -> None:
         core = self._core
-        stats = self.stats
+        batch_sizes = self.batch_sizes
         while True:
             batch = core.next_batch()
             if batch is None:
                 return
-            rows, reason = batch.rows, batch.reason
+            rows = batch.rows
             started = time.perf_counter_ns()
             try:
                 outputs = runner(batch.inputs)
@@ -177,9 +149,7 @@ class ModelBatcher:
                 message = _short_error(exc)
                 log.error("model %s: batch of %d rows failed: %s", self.label, rows, message)
                 batch.fail(f"inference failed: {message}")
-                stats.record(rows, reason, time.perf_counter_ns() - started, ok=False)
-            else:
-                stats.record(rows, reason, time.perf_counter_ns() - started, ok=True)
+            batch_sizes.record(rows, time.perf_counter_ns() - started)
 
 
 def _short_error(exc: BaseException, limit: int = 200) -> str:

@@ -22,6 +22,8 @@ PLATFORM = "onnxruntime_onnx"
 
 
 class ModelState(str, enum.Enum):
+    """A model version's state as the repository index reports it (kept by the registry)."""
+
     READY = "READY"
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
@@ -36,7 +38,6 @@ class ServedModel:
     signature: ModelSignature
     sessions: list[OnnxRuntimeSession]
     batcher: ModelBatcher
-    state: ModelState = ModelState.LOADING
     request_stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -73,21 +74,19 @@ class ServedModel:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.batcher.start(loop)
-        self.state = ModelState.READY
 
     async def stop(self) -> None:
-        self.state = ModelState.UNLOADING
+        """Drain the batcher, then free the sessions."""
         await self.batcher.stop()
         for session in self.sessions:
             session.close()
-        self.state = ModelState.UNAVAILABLE
 
     def statistics(self) -> dict[str, Any]:
         return model_statistics(
             self.name,
             self.version,
             self.request_stats,
-            self.batcher.stats,
+            self.batcher.batch_sizes,
             self.batcher.core_stats(),
             self.batcher.queue_depth,
         )

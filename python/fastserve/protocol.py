@@ -111,16 +111,3 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
-NUMPY_TO_DATATYPE: dict[np.dtype[Any], str] = {
-    dt: name for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"
-}
-
-
-def datatype_of(array: npt.NDArray[Any]) -> str:
-    """The V2 datatype of a numpy array (object and bytes/str arrays are BYTES)."""
-    if array.dtype.kind in ("O", "S", "U"):
-        return "BYTES"
-    try:
-        return NUMPY_TO_DATATYPE[array.dtype.newbyteorder("=")]
-    except KeyError:
-        raise ValueError(f"numpy dtype {array.dtype} has no V2 datatype") from None

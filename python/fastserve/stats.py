@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastserve.batching import BatchStats
+RELEASE_REASONS = ("full", "preferred", "delay", "drain")
+"""Why the core released a batch; it counts each as ``batches_<reason>``."""
 
 
 def _duration(count: int, ns: int) -> dict[str, int]:
     return {"count": count, "ns": ns}
+
+
+@dataclass
+class BatchSizes:
+    """Batches run and their compute time, by size in rows: what the core does not count.
+
+    Updated by the worker threads, once per batch."""
+
+    by_size: dict[int, list[int]] = field(default_factory=dict)
+    """rows -> [batches, compute ns]"""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, rows: int, compute_ns: int) -> None:
+        with self.lock:
+            entry = self.by_size.setdefault(rows, [0, 0])
+            entry[0] += 1
+            entry[1] += compute_ns
+
+    def snapshot(self) -> list[tuple[int, int, int]]:
+        """(rows, batches, compute ns), smallest batches first."""
+        with self.lock:
+            return sorted((rows, n, ns) for rows, (n, ns) in self.by_size.items())
 
 
 @dataclass
@@ -45,20 +69,16 @@ def model_statistics(
     name: str,
     version: str,
     requests: RequestStats,
-    batches: BatchStats,
+    batch_sizes: BatchSizes,
     core: dict[str, int],
     queue_depth: int,
 ) -> dict[str, Any]:
-    with batches.lock:
-        by_size = sorted(batches.by_size.items())
-        executions = batches.executions
-        by_reason = dict(batches.by_reason)
     return {
         "name": name,
         "version": version,
         "last_inference": requests.last_inference_ms,
         "inference_count": requests.rows,
-        "execution_count": executions,
+        "execution_count": core["batches"],
         "inference_stats": {
             "success": _duration(requests.success, requests.success_ns),
             "fail": _duration(requests.fail, requests.fail_ns),
@@ -76,12 +96,12 @@ def model_statistics(
                 "compute_infer": _duration(count, ns),
                 "compute_output": _duration(0, 0),
             }
-            for size, (count, ns) in by_size
+            for size, count, ns in batch_sizes.snapshot()
         ],
         # fastserve's own figures, beyond Triton's document
         "batching": {
             "queue_depth": queue_depth,
-            "batches_by_release_reason": by_reason,
+            "batches_by_release_reason": {r: core[f"batches_{r}"] for r in RELEASE_REASONS},
             "rejected_queue_full": core.get("rejected_full", 0),
             "timed_out_in_queue": core.get("timed_out", 0),
             "failures_by_outcome": dict(requests.outcomes),

@@ -20,7 +20,6 @@ from fastserve.http.codecs import (
     HEADER_LENGTH,
     MAX_JSON_DEPTH,
     decode_request,
-    encode_error,
     encode_response,
 )
 from fastserve.protocol import (
@@ -1296,19 +1295,6 @@ def test_msgpack_response_honours_requested_outputs() -> None:
 def test_unknown_format() -> None:
     with pytest.raises(ValueError, match="format"):
         encode_response(response_of(), None, "xml")
-    with pytest.raises(ValueError, match="format"):
-        encode_error("boom", "xml")
-
-
-def test_encode_error() -> None:
-    body, content_type = encode_error("input 'x': bad", "json")
-    assert content_type == "application/json"
-    assert orjson.loads(body) == {"error": "input 'x': bad"}
-    body, content_type = encode_error("bad", "msgpack")
-    assert content_type == "application/msgpack"
-    assert msgpack.unpackb(body) == {"error": "bad"}
-    body, _ = encode_error("x" * 100_000, "json")
-    assert len(body) < 1100
 
 
 def test_decoded_request_encodes_back() -> None:

@@ -281,17 +281,15 @@ async def _infer(
     arrays = validate_inputs(
         inference, model.signature, max_batch_size=model.config.batching.max_batch_size
     )
-    wanted = validate_outputs(inference, model.signature)
+    validate_outputs(inference, model.signature)
     priority, timeout_us = _request_options(inference, model)
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
 
+    # every output; the codec picks (and orders) the ones the request asked for
     outputs = [
         OutputTensor(spec.name, spec.datatype, array)
         for spec, array in zip(model.signature.outputs, completion.outputs, strict=True)
-        if wanted is None or spec.name in wanted
     ]
-    if wanted is not None:
-        outputs.sort(key=lambda out: wanted.index(out.name))
     response = InferenceResponse(model.name, model.version, outputs, id=inference.id)
     fmt = _response_format(request, content_type)
     payload, response_headers = encode_response(response, inference, fmt)

@@ -1,9 +1,10 @@
 """Wire codecs of the Open Inference Protocol: JSON, Triton's binary tensors, msgpack.
 
 ``decode_request`` turns a request body into an ``InferenceRequest`` whose arrays already
-have the declared shape and the numpy dtype of their datatype; ``encode_response`` and
-``encode_error`` go the other way. Everything here runs once per request on the event
-loop, so the common paths avoid copies and Python-level loops over elements.
+have the declared shape and the numpy dtype of their datatype; ``encode_response`` goes
+the other way (error bodies are built in ``fastserve.http.errors``). Everything here runs
+once per request on the event loop, so the common paths avoid copies and Python-level
+loops over elements.
 
 Decisions a client can see:
 
@@ -51,7 +52,6 @@ __all__ = [
     "MSGPACK_CONTENT_TYPE",
     "OCTET_STREAM",
     "decode_request",
-    "encode_error",
     "encode_response",
 ]
 
@@ -66,7 +66,6 @@ MAX_RANK: Final = 64  # numpy's own limit on dimensions
 # orjson (>= 3.9.15, required) refuses JSON nested 1024 levels deep with a decode error.
 MAX_JSON_DEPTH: Final = 1024
 MAX_PARAMETER_DEPTH: Final = 16
-_MAX_ERROR_LENGTH: Final = 1024
 
 _JSON_TYPES: Final = frozenset({"", "application/json"})
 _MSGPACK_TYPES: Final = frozenset({"application/msgpack", "application/x-msgpack"})
@@ -601,16 +600,6 @@ def encode_response(
             for out, _ in selected
         ]
         return msgpack.packb(doc), {"Content-Type": MSGPACK_CONTENT_TYPE}
-    raise ValueError(f"unknown response format {fmt!r}")
-
-
-def encode_error(message: str, fmt: str) -> tuple[bytes, str]:
-    """The body ``{"error": message}`` in ``fmt`` ("json" or "msgpack") and its content type."""
-    message = _clip(message, _MAX_ERROR_LENGTH)
-    if fmt == "json":
-        return orjson.dumps({"error": message}), JSON_CONTENT_TYPE
-    if fmt == "msgpack":
-        return msgpack.packb({"error": message}), MSGPACK_CONTENT_TYPE
     raise ValueError(f"unknown response format {fmt!r}")
 
 
