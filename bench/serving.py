@@ -1,7 +1,12 @@
 """First-cut serving benchmark: fastserve with and without batching against the
-in-process onnxruntime ceiling, on the demo tabular model (breast_cancer, 30 features).
+in-process onnxruntime ceiling, on a demo tabular model (30 features, single-row JSON).
 
-    python bench/serving.py [--duration 5] [--repeats 3] [--rate 2000]
+    python bench/serving.py [--model breast_cancer|scorecard] [--duration 5] [--repeats 3]
+                            [--rate 2000]
+
+breast_cancer costs onnxruntime ~5 µs a call, so the HTTP path is nearly all of a
+request's cost; scorecard (same input, binned features) costs ~190 µs a call at any batch
+size up to 64, so there batching has something to amortize.
 
 The server runs pinned to CPU 0 and the load generator (wrk for the closed loop, an
 asyncio open-loop client) to CPU 1, so they do not share a core. Each closed-loop figure
@@ -31,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
-MODEL = "breast_cancer"
+TABULAR_MODELS = ("breast_cancer", "scorecard")
 
 BATCHING_DELAY_US = 200
 CONFIGS = {
@@ -212,8 +217,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--rate", type=float, default=2000.0, help="open-loop offered rate (req/s)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    parser.add_argument("--model", choices=TABULAR_MODELS, default="breast_cancer")
+    parser.add_argument("--out", type=Path, help="JSON results (default results/serving-MODEL)")
     args = parser.parse_args()
+    model = args.model
+    out = args.out or HERE / "results" / f"serving-{model}.json"
     if not shutil.which("wrk"):
         sys.exit("wrk is needed for the closed loop: apt-get install wrk")
 
@@ -221,11 +229,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fastserve-bench-"))
     demo = build_demo_repository(work / "demo")
-    rows = example_rows(MODEL, 1)
+    rows = example_rows(model, 1)
     body = work / "body.json"
     write_body(body, rows)
     results: dict[str, object] = {
-        "model": MODEL,
+        "model": model,
         "request": "1 row, JSON",
         "closed": {},
         "open": {},
@@ -233,11 +241,11 @@ def main() -> None:
     for label, config in CONFIGS.items():
         repo = work / label.replace(" ", "_")
         repo.mkdir()
-        shutil.copytree(demo / MODEL, repo / MODEL)
-        (repo / MODEL / "config.yaml").write_text(config)
+        shutil.copytree(demo / model, repo / model)
+        (repo / model / "config.yaml").write_text(config)
         server = Served(repo)
         try:
-            url = f"{server.url}/v2/models/{MODEL}/infer"
+            url = f"{server.url}/v2/models/{model}/infer"
             closed = {
                 c: closed_loop(url, body, c, args.duration, args.repeats) for c in args.concurrency
             }
@@ -246,12 +254,12 @@ def main() -> None:
         finally:
             server.stop()
     results["ceiling_rows_per_s"] = ceiling(
-        demo / MODEL / "1" / "model.onnx", rows, [1, 8, 32, 64], 1.0
+        demo / model / "1" / "model.onnx", rows, [1, 8, 32, 64], 1.0
     )
     shutil.rmtree(work, ignore_errors=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(render(results, args.rate))
 
 

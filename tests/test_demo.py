@@ -17,7 +17,7 @@ from fastserve import demo
 from fastserve.backends.onnxruntime import OnnxRuntimeSession
 from fastserve.config import OnnxRuntimeConfig, load_model_config
 
-MODELS = ("breast_cancer", "digits")
+MODELS = ("breast_cancer", "digits", "scorecard")
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +88,16 @@ def test_configs_are_valid(repo: Path, model: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "features", "classes", "min_accuracy"),
-    [("breast_cancer", 30, 2, 0.93), ("digits", 64, 10, 0.95)],
+    ("model", "features", "classes", "min_accuracy", "first_step"),
+    [
+        ("breast_cancer", 30, 2, 0.93, "StandardScaler"),
+        ("digits", 64, 10, 0.95, "StandardScaler"),
+        ("scorecard", 30, 2, 0.9, "ColumnTransformer"),
+    ],
 )
-def test_metadata(repo: Path, model: str, features: int, classes: int, min_accuracy: float) -> None:
+def test_metadata(
+    repo: Path, model: str, features: int, classes: int, min_accuracy: float, first_step: str
+) -> None:
     meta = json.loads((repo / model / "1" / "metadata.json").read_text())
     assert meta["model"] == model and meta["version"] == "1"
     assert len(meta["feature_names"]) == features
@@ -100,8 +106,21 @@ def test_metadata(repo: Path, model: str, features: int, classes: int, min_accur
     assert meta["test_rows"] == len(demo.load_split(model).y_test)
     training = meta["training"]
     assert training["split"]["random_state"] == 0 and training["split"]["test_size"] == 0.25
-    assert training["estimator"][0]["class"] == "StandardScaler"
+    assert training["estimator"][0]["class"] == first_step
     assert training["onnx_ir_version"] <= 10
+
+
+def test_scorecard_is_breast_cancer_binned(repo: Path) -> None:
+    meta = json.loads((repo / "scorecard/1/metadata.json").read_text())
+    plain = json.loads((repo / "breast_cancer/1/metadata.json").read_text())
+    assert meta["inputs"] == plain["inputs"] and meta["outputs"] == plain["outputs"]
+    assert meta["feature_names"] == plain["feature_names"]
+    np.testing.assert_array_equal(
+        demo.example_rows("scorecard", 4), demo.example_rows("breast_cancer", 4)
+    )
+    # one binning branch per feature: a graph of hundreds of nodes, not a single linear op
+    model = demo.train_demo_model("scorecard").onnx_model
+    assert len(model.graph.node) > 300
 
 
 def test_breast_cancer_class_names(repo: Path) -> None:

@@ -216,4 +216,4 @@ async def test_two_inputs_and_statistics(client: aiohttp.ClientSession) -> None:
     assert stats["batch_stats"][0]["batch_size"] == 2
     async with client.get("/v2/models/stats") as resp:
         names = {s["name"] for s in (await resp.json())["model_stats"]}
-    assert names == {"adder", "breast_cancer", "digits"}
+    assert names == {"adder", "breast_cancer", "digits", "scorecard"}
