@@ -169,7 +169,7 @@ async def test_broken_config_leaves_the_model_unavailable_and_the_others_serving
             assert resp.status == 503
         async with s.post(ADDER, json=adder_body(1.0)) as resp:
             assert resp.status == 503
-        status = {st.name: st for st in srv.registry.statuses()}["adder"]
+        status = {st.name: st for st in srv.registry.index()}["adder"]
         assert "config.yaml: line 3: batching.max_queue_dealy_us: unknown setting" in status.reason
         async with s.get("/v2/models/digits/ready") as resp:
             assert resp.status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -23,6 +24,23 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+ADMIN_TOKEN_ENV = "FASTSERVE_ADMIN_TOKEN"
+
+
+def _admin_token(token_file: str | None) -> str | None:
+    """The admin token: from ``token_file`` when given, else from the environment."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise SystemExit(f"fastserve: cannot read the admin token file: {reason}") from None
+        if not token:
+            raise SystemExit("fastserve: the admin token file is empty")
+        return token
+    return os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,6 +64,10 @@ def _serve(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout,
             drain_timeout_s=args.drain_timeout,
             idle_timeout_s=args.idle_timeout,
+            watch=args.watch,
+            watch_debounce_ms=args.watch_debounce_ms,
+            poll_interval_s=args.poll_interval,
+            admin_token=_admin_token(args.admin_token_file),
         )
     except ValidationError as exc:
         print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
@@ -94,7 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         help="seconds a connection may take to send a request head, or stay idle (default 15)",
     )
+    serve.add_argument(
+        "--watch",
+        choices=["events", "poll", "off"],
+        default="events",
+        help="apply repository edits from filesystem events (default), by polling, or not",
+    )
+    serve.add_argument(
+        "--watch-debounce-ms",
+        type=int,
+        default=100,
+        help="apply a burst of edits once it has been quiet this long (default 100)",
+    )
+    serve.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between polls (--watch poll)"
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        help=f"file holding the admin token (default: ${ADMIN_TOKEN_ENV}; none: admin API off)",
+    )
     serve.set_defaults(func=_serve)
+
+    from fastserve.admin_client import add_models_command
+
+    add_models_command(commands)
 
     demo = commands.add_parser("demo", help="build the demo model repository and print its path")
     demo.add_argument("--out", help="folder to build it in (default: the user cache)")

@@ -6,11 +6,13 @@ so a typo is reported with the file, the line and the field instead of being ign
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from fastserve.errors import ConfigError
 
@@ -75,10 +77,46 @@ class OnnxRuntimeConfig(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
+class VersionPolicy(_Strict):
+    """Which version folders are loaded (Triton's version policy). Give at most one of
+    ``latest``, ``specific`` and ``all``; with none, the latest version is loaded."""
+
+    latest: int | None = Field(None, ge=1, le=1024)
+    """Load the highest N versions."""
+    specific: tuple[int, ...] | None = Field(None, min_length=1, max_length=1024)
+    """Load exactly these versions."""
+    all: bool = False
+    """Load every version folder."""
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> VersionPolicy:
+        given = [n for n, v in (("latest", self.latest), ("specific", self.specific)) if v]
+        if self.all:
+            given.append("all")
+        if len(given) > 1:
+            raise ValueError(f"give one of latest, specific and all, not {' and '.join(given)}")
+        if self.specific is not None and any(v < 1 for v in self.specific):
+            raise ValueError("versions are positive integers")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to load out of those ``available`` (ascending)."""
+        if self.all:
+            return sorted(available)
+        if self.specific is not None:
+            wanted = set(self.specific)
+            return sorted(v for v in available if v in wanted)
+        return sorted(available)[-(self.latest or 1) :]
+
+
 class ModelConfig(_Strict):
     """The ``config.yaml`` of one model folder."""
 
     backend: Literal["onnxruntime"] = "onnxruntime"
+    version_policy: VersionPolicy = VersionPolicy()
+    primary: int | None = Field(None, ge=1)
+    """The version that answers requests naming none; loaded even when the policy leaves it
+    out. Default: the highest loaded version. Rollback and promotion edit this line."""
     batching: BatchingConfig = BatchingConfig()
     instance_count: int = Field(1, ge=1, le=64)
     """Model instances, each with its own session and worker thread."""
@@ -86,6 +124,11 @@ class ModelConfig(_Strict):
     warmup: bool = True
     """Run generated inputs through each instance before the model is reported ready."""
     description: str = ""
+
+    def serving_settings(self) -> dict[str, Any]:
+        """The settings a loaded version is built from: when these are unchanged, an edit
+        of the config reuses the loaded sessions."""
+        return self.model_dump(exclude={"version_policy", "primary", "description"})
 
 
 def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -110,12 +153,14 @@ def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None
     return line
 
 
-def load_model_config(path: Path) -> ModelConfig:
-    """Parse and validate a model's ``config.yaml``; raise ConfigError naming file, line, field."""
+def load_model_config(path: Path, display: str | None = None) -> ModelConfig:
+    """Parse and validate a model's ``config.yaml``; raise ConfigError naming the file
+    (as ``display`` when given), the line and the field."""
+    where_file = display or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), f"cannot read: {exc.__class__.__name__}") from None
+        raise ConfigError(where_file, f"cannot read: {exc.__class__.__name__}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(text)
@@ -123,11 +168,11 @@ def load_model_config(path: Path) -> ModelConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), f"{where}invalid YAML: {problem}") from None
+        raise ConfigError(where_file, f"{where}invalid YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(str(path), "line 1: the top level must be a mapping of settings")
+        raise ConfigError(where_file, "line 1: the top level must be a mapping of settings")
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
@@ -141,7 +186,7 @@ def load_model_config(path: Path) -> ModelConfig:
             if err["type"] == "extra_forbidden":
                 msg = "unknown setting (check the spelling)"
             problems.append(f"{where}{field}: {msg}")
-        raise ConfigError(str(path), "; ".join(problems)) from None
+        raise ConfigError(where_file, "; ".join(problems)) from None
 
 
 class ServerConfig(_Strict):
@@ -159,3 +204,48 @@ class ServerConfig(_Strict):
     idle_timeout_s: float = Field(15.0, gt=0)
     """A connection that has not sent a complete request head this long after connecting,
     or after its last response, is closed: idle keep-alive and slow headers alike."""
+    watch: Literal["events", "poll", "off"] = "events"
+    """How the repository is watched for edits: filesystem events (polling where the
+    platform gives none), polling only, or not at all (changes then apply through the
+    repository API's ``load``)."""
+    watch_debounce_ms: int = Field(100, ge=10, le=60_000)
+    """A burst of edits is applied once it has been quiet this long."""
+    poll_interval_s: float = Field(0.5, gt=0, le=3600)
+    """Scan period of the polling watcher."""
+    retire_timeout_s: float = Field(30.0, ge=0)
+    """After a swap, how long requests still running on a retired version may take before
+    it is unloaded anyway."""
+    admin_token: SecretStr | None = None
+    """Bearer token the admin routes (repository API) require. Without one they are
+    refused. Never logged."""
+
+
+_PRIMARY_LINE = re.compile(r"^primary:[^\n]*$", re.MULTILINE)
+
+
+def write_primary(path: Path, version: int) -> str:
+    """Set ``primary: VERSION`` in the model config at ``path``; return the old text.
+
+    Only that line changes (it is added when missing), so comments and layout survive.
+    The new text is validated before it replaces the file, by write-then-rename, so a
+    reader never sees half of it.
+    """
+    try:
+        old = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.__class__.__name__}") from None
+    line = f"primary: {version}"
+    new, found = _PRIMARY_LINE.subn(line, old, count=1)
+    if not found:
+        new = f"{old}{'' if not old or old.endswith(chr(10)) else chr(10)}{line}\n"
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(new, encoding="utf-8")
+        if load_model_config(staging, display=str(path)).primary != version:
+            raise ConfigError(str(path), f"cannot set 'primary: {version}' in this file")
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return old

@@ -99,6 +99,23 @@ class ConfigError(FastServeError):
         super().__init__(f"{path}: {problem}")
 
 
+class ChangeRefused(FastServeError):
+    """An edit of what serves a model was not applied; the model serves as before (HTTP 400)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"model '{name}': change not applied: {problem}")
+
+
+class Unauthorized(FastServeError):
+    """No usable credentials for an admin route (HTTP 401)."""
+
+
+class Forbidden(FastServeError):
+    """Credentials given but not accepted, or the admin API is off (HTTP 403)."""
+
+
 class ModelLoadError(FastServeError):
     """A model version could not be loaded."""
 

@@ -39,6 +39,8 @@ class ServedModel:
     sessions: list[OnnxRuntimeSession]
     batcher: ModelBatcher
     request_stats: RequestStats = field(default_factory=RequestStats)
+    inflight: int = 0
+    """Requests holding this version between choosing it and answering (event loop only)."""
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ import signal
 
 from aiohttp import web
 
+from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
 from fastserve.registry import Registry
@@ -19,16 +20,19 @@ log = logging.getLogger("fastserve.server")
 class Server:
     """The HTTP server and the models it serves.
 
-    ``start()`` listens first (live, not ready), loads the repository, then reports ready.
-    ``stop()`` drains: readiness goes down and new inference is refused, in-flight requests
-    finish (up to ``drain_timeout_s``), then connections close and the batchers empty.
+    ``start()`` listens first (live, not ready), loads the repository, reports ready, then
+    watches the repository and applies edits. ``stop()`` drains: readiness goes down and new
+    inference is refused, in-flight requests finish (up to ``drain_timeout_s``), then
+    connections close and the batchers empty.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = Registry(config.repository)
+        self.registry = Registry(config.repository, retire_timeout_s=config.retire_timeout_s)
         self.state = ServerState(config, self.registry)
         self._runner: web.ServerRunner | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop_watching = asyncio.Event()
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -65,12 +69,34 @@ class Server:
         log.info(
             "serving %d model(s) from %s: %s", len(self.registry.models()), config.repository, ready
         )
+        if config.watch != "off":
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            await asyncio.sleep(0)  # let the watcher set itself up before start() returns
+        if self.state.admin_token is None:
+            log.info("admin API disabled (no admin token configured)")
+
+    async def _watch(self) -> None:
+        config = self.config
+        log.info("watching %s for changes (%s)", config.repository, config.watch)
+        try:
+            async for names in repository.watch(
+                config.repository,
+                "poll" if config.watch == "poll" else "events",
+                debounce_ms=config.watch_debounce_ms,
+                poll_interval_s=config.poll_interval_s,
+                stop=self._stop_watching,
+            ):
+                log.debug("repository change in %s", sorted(names))
+                self.registry.changed(names)
+        except Exception:
+            log.exception("the repository watcher stopped; edits are no longer applied")
 
     async def stop(self) -> None:
         state = self.state
         if state.draining:
             return
         state.begin_drain()
+        self._stop_watching.set()
         log.info("draining: readiness down, %d request(s) in flight", state.inflight)
         try:
             await asyncio.wait_for(state.drained.wait(), self.config.drain_timeout_s)
@@ -78,6 +104,8 @@ class Server:
             log.warning("drain timeout: %d request(s) still in flight", state.inflight)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.registry.stop_all()
         log.info("stopped")
 

@@ -22,17 +22,19 @@ from aiohttp import web
 from fastserve import __version__
 from fastserve.config import ServerConfig
 from fastserve.errors import FastServeError, InvalidRequest, ServerStopping
+from fastserve.http import admin
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import decode_request, encode_response
 from fastserve.model import PLATFORM, ServedModel
+from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.validation import validate_inputs, validate_outputs
 
 log = logging.getLogger("fastserve.http")
 
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 _COMPRESS_MIN_BYTES = 1024
 
@@ -48,6 +50,13 @@ class ServerState:
     inflight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once draining and no request is in flight."""
+    admin_token: bytes | None = None
+    """The admin routes' bearer token (None: admin routes refused)."""
+
+    def __post_init__(self) -> None:
+        secret = self.config.admin_token
+        if secret is not None and secret.get_secret_value():
+            self.admin_token = secret.get_secret_value().encode("utf-8", "surrogateescape")
 
     def leave(self) -> None:
         """A request is done (successfully or not)."""
@@ -82,13 +91,20 @@ _MODEL_ACTIONS = ("ready", "config", "stats", "infer")
 def resolve(path: str) -> tuple[str, str | None, str | None] | None:
     """(action, model, version) of a V2 path, or None when it is none of the protocol's.
 
-    Actions: server, live, ready_server, all_stats, metadata, ready, config, stats, infer.
-    Names are only ever keys for the registry: they never reach the filesystem.
+    Actions: server, live, ready_server, all_stats, metrics, metadata, ready, config,
+    stats, infer, and the admin actions repository_index and repository_{load,unload,
+    promote,rollback}. Names reach the filesystem only through ``repository.find``, which
+    accepts plain model names inside the repository.
     """
     static = _STATIC.get(path)
     if static is not None:
         return static, None, None
     parts = path.split("/")
+    # "", "v2", "repository", "models", model, action
+    if len(parts) == 6 and parts[1:4] == ["v2", "repository", "models"]:
+        if parts[5] in admin.ACTIONS:
+            return f"repository_{parts[5]}", parts[4], None
+        return None
     # "", "v2", "models", model, [ "versions", version ], [ action ]
     if len(parts) < 4 or parts[1] != "v2" or parts[2] != "models":
         return None
@@ -110,6 +126,8 @@ _STATIC = {
     "/v2/health/live": "live",
     "/v2/health/ready": "ready_server",
     "/v2/models/stats": "all_stats",
+    "/v2/repository/index": "repository_index",
+    "/metrics": "metrics",
 }
 
 
@@ -127,6 +145,7 @@ class Dispatcher:
             "ready": model_ready,
             "config": model_config,
             "stats": model_stats,
+            "metrics": metrics,
         }
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -137,10 +156,26 @@ class Dispatcher:
         if action == "infer":
             # the hot path: infer checks the method and maps its errors itself
             return await infer(request, self.state, model, version)
+        if action.startswith("repository_"):
+            return await self._admin(request, action, model)
         if request.method not in ("GET", "HEAD"):
             return http_errors.method_not_allowed(request, "GET, HEAD")
         try:
             return await self._get[action](request, self.state, model, version)
+        except Exception as exc:
+            return http_errors.response_for(exc, request)
+
+    async def _admin(
+        self, request: web.BaseRequest, action: str, model: str | None
+    ) -> web.StreamResponse:
+        """Admin routes: the token first (whatever the method), then POST only."""
+        try:
+            admin.authorize(request, self.state.admin_token)
+            if request.method != "POST":
+                return http_errors.method_not_allowed(request, "POST")
+            if model is None:
+                return await admin.repository_index(request, self.state)
+            return await admin.model_action(request, self.state, action[11:], model)
         except Exception as exc:
             return http_errors.response_for(exc, request)
 
@@ -205,6 +240,13 @@ async def model_stats(
     return _json({"model_stats": [m.statistics() for m in models]})
 
 
+async def metrics(
+    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
+) -> web.Response:
+    body = state.registry.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 # -- inference --------------------------------------------------------------------------------
 
 
@@ -243,15 +285,27 @@ async def infer(
     if request.method != "POST":
         return http_errors.method_not_allowed(request, "POST")
     started = time.perf_counter_ns()
+    name = str(name)
+    registry = state.registry
     try:
         if state.draining:
             raise ServerStopping()
-        model = state.registry.get(str(name), version)
+        model = registry.get(name, version)  # unknown model: refused before the body is read
     except Exception as exc:
         return http_errors.response_for(exc, request)
     state.inflight += 1
+    held: ServedModel | None = None
     try:
-        return await _infer(request, state, model, started)
+        config = state.config
+        body = await read_body(
+            request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s
+        )
+        # Resolve again: a swap may have happened while the body arrived. From here to
+        # the batcher's submit nothing awaits, and ``inflight`` keeps this version from
+        # being unloaded until the request is answered.
+        model = held = registry.get(name, version)
+        model.inflight += 1
+        return await _infer(request, state, model, body, started)
     except Exception as exc:
         if isinstance(exc, FastServeError):
             model.request_stats.record_failure(
@@ -259,14 +313,14 @@ async def infer(
             )
         return http_errors.response_for(exc, request)
     finally:
+        if held is not None:
+            held.inflight -= 1
         state.leave()
 
 
 async def _infer(
-    request: web.BaseRequest, state: ServerState, model: ServedModel, started: int
+    request: web.BaseRequest, state: ServerState, model: ServedModel, body: bytes, started: int
 ) -> web.StreamResponse:
-    config = state.config
-    body = await read_body(request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
     headers = request.headers
     # the raw header: aiohttp's parsed request.content_type costs ~6 µs on first access
     content_type = headers.get("Content-Type", "")

@@ -12,6 +12,9 @@ from fastserve import errors
 
 _STATUS: tuple[tuple[type[errors.FastServeError], int], ...] = (
     (errors.InvalidRequest, 400),
+    (errors.ChangeRefused, 400),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
     (errors.ModelNotFound, 404),
     (errors.RequestTimeout, 408),
     (errors.PayloadTooLarge, 413),
@@ -52,6 +55,8 @@ def from_exception(exc: errors.FastServeError) -> web.Response:
     if isinstance(exc, errors.Unavailable | errors.ModelNotReady):
         retry = getattr(exc, "retry_after_s", 1.0)
         headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+    elif isinstance(exc, errors.Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="fastserve admin"'}
     response = error_response(status, str(exc), headers)
     if isinstance(exc, errors.RequestTimeout | errors.PayloadTooLarge | errors.ClientDisconnected):
         # the rest of the body is still on the connection (or never comes): do not reuse it

@@ -1,0 +1,109 @@
+"""The repository API (the V2 model-repository extension, as in Triton and MLServer) and
+the admin token that guards it.
+
+    POST /v2/repository/index                 every model version: state, reason, primary
+    POST /v2/repository/models/{m}/load       apply the model's folder now (load or reload)
+    POST /v2/repository/models/{m}/unload     stop serving it until it is loaded again
+    POST /v2/repository/models/{m}/promote    {"version": "2"}: make it primary (edits config)
+    POST /v2/repository/models/{m}/rollback   make the previous primary primary again
+
+Every route needs ``Authorization: Bearer <token>``. With no token configured they are
+refused: an admin API is never open by default. The token is compared in constant time
+and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from fastserve.errors import Forbidden, InvalidRequest, Unauthorized
+from fastserve.http.body import read_body
+from fastserve.registry import Route
+
+if TYPE_CHECKING:
+    from fastserve.http.app import ServerState
+
+ACTIONS = ("load", "unload", "promote", "rollback")
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+def authorize(request: web.BaseRequest, token: bytes | None) -> None:
+    """Raise Unauthorized (no usable credentials) or Forbidden (wrong token, or no token
+    configured) unless the request carries the admin token."""
+    if token is None:
+        raise Forbidden(
+            "the admin API is disabled: set FASTSERVE_ADMIN_TOKEN or --admin-token-file"
+        )
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("admin route: send 'Authorization: Bearer <token>'")
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials or " " in credentials:
+        raise Unauthorized("admin route: malformed Authorization header (want 'Bearer <token>')")
+    if not hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), token):
+        raise Forbidden("admin route: the token is not valid")
+
+
+async def _json_body(request: web.BaseRequest, state: ServerState) -> dict[str, Any]:
+    body = await read_body(request, limit=_MAX_ADMIN_BODY, timeout_s=state.config.body_timeout_s)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return doc
+
+
+def _route_doc(name: str, route: Route, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "primary": route.primary.version,
+        "versions": sorted(route.versions, key=int),
+        **extra,
+    }
+
+
+def _json(doc: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+async def repository_index(request: web.BaseRequest, state: ServerState) -> web.Response:
+    doc = await _json_body(request, state)
+    ready_only = doc.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidRequest("'ready' must be true or false")
+    rows = state.registry.index()
+    return _json(
+        [row.as_index_entry() for row in rows if not ready_only or row.state.value == "READY"]
+    )
+
+
+async def model_action(
+    request: web.BaseRequest, state: ServerState, action: str, name: str
+) -> web.Response:
+    registry = state.registry
+    doc = await _json_body(request, state)
+    if action == "load":
+        return _json(_route_doc(name, await registry.load(name)))
+    if action == "unload":
+        await registry.unload(name)
+        return _json({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
+    previous = registry.get(name).version if registry.versions(name) else None
+    if action == "promote":
+        version = doc.get("version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            version = str(version)
+        if not isinstance(version, str) or not version.isdigit() or len(version) > 18:
+            raise InvalidRequest('promote needs {"version": "<version number>"}')
+        route = await registry.set_primary(name, version)
+    else:
+        route = await registry.rollback(name)
+    return _json(_route_doc(name, route, previous=previous))

@@ -1,0 +1,1 @@
+"""What fastserve measures about itself, exported for Prometheus."""
