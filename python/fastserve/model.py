@@ -30,7 +30,7 @@ class ModelState(str, enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass
+@dataclass(eq=False)  # a loaded version is itself, not equal to a copy of its fields
 class ServedModel:
     name: str
     version: str

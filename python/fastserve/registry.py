@@ -340,8 +340,9 @@ class Registry:
             and self._routes[name].primary.version == primary
         )
         if unchanged:
-            if entry.problem:
+            if entry.problem or entry.states:
                 entry.problem = ""
+                entry.states = {}  # only failures of earlier attempts can be left here
                 self._publish(entry)
             return self._routes[name]
 
