@@ -195,6 +195,22 @@ async def test_editing_the_primary_swaps_and_unloads_the_old_version(
     assert swap_count(srv, "success") >= 2
 
 
+async def test_the_polling_watcher_applies_edits_too(
+    repo: Path, admin_config: ServerConfig
+) -> None:
+    """Where the platform gives no filesystem events, polling finds the same edits."""
+    add_versions(repo, 2)
+    config = admin_config.model_copy(update={"watch": "poll", "poll_interval_s": 0.05})
+    async with (
+        running(config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as session,
+    ):
+        assert await serving(session, "2", {"2"})
+        write_atomically(repo / "adder" / "config.yaml", config_text(primary=1))
+        await eventually(lambda: serving(session, "1", {"1", "2"}))
+        assert await answer_version(session) == (200, "1")
+
+
 async def test_config_only_edits_keep_the_loaded_sessions(
     repo: Path, served: tuple[Server, aiohttp.ClientSession]
 ) -> None:

@@ -211,6 +211,12 @@ class Registry:
             else:
                 entry.task = asyncio.get_running_loop().create_task(self._apply_changes(entry))
 
+    def resync(self) -> None:
+        """Apply every model folder and every known model again (unchanged ones cost a
+        config parse): catches edits a watcher could not see."""
+        sources, _ = repository.scan(self.root)
+        self.changed({s.name for s in sources} | set(self._entries))
+
     async def _apply_changes(self, entry: _Entry) -> None:
         while True:
             entry.dirty = False

@@ -58,6 +58,12 @@ class Server:
         await site.start()
         self.port = _bound_port(runner)
         log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
+        if config.watch != "off":
+            # Watch before loading: an edit made while the models load is not missed (the
+            # polling watcher only sees changes after its first scan). Applies of one model
+            # are serialized, so an edit seen during start-up is applied after its load.
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            await asyncio.sleep(0)
         await self.registry.load_all()
         # What start-up built (models, sessions, modules) lives as long as the process: keep
         # it out of the collector's generations so collections on the request path stay
@@ -69,15 +75,21 @@ class Server:
         log.info(
             "serving %d model(s) from %s: %s", len(self.registry.models()), config.repository, ready
         )
-        if config.watch != "off":
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-            await asyncio.sleep(0)  # let the watcher set itself up before start() returns
         if self.state.admin_token is None:
             log.info("admin API disabled (no admin token configured)")
+
+    def _resync(self) -> None:
+        if not self.state.draining:
+            self.registry.resync()
 
     async def _watch(self) -> None:
         config = self.config
         log.info("watching %s for changes (%s)", config.repository, config.watch)
+        if config.watch == "poll":
+            # The polling watcher takes its first snapshot a poll later, in its own thread:
+            # apply everything once after that, so an edit made before it is not missed.
+            delay = 2 * config.poll_interval_s + 0.1
+            asyncio.get_running_loop().call_later(delay, self._resync)
         try:
             async for names in repository.watch(
                 config.repository,
