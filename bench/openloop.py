@@ -13,10 +13,27 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+
+
+async def arrivals(
+    rate: float, duration: float, *, poisson: bool = False, seed: int = 7
+) -> AsyncIterator[float]:
+    """Yield each scheduled send time (perf_counter) over ``duration`` seconds, sleeping
+    until it comes: evenly spaced at ``rate``/s, or Poisson arrivals with that mean."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    next_at = start
+    while next_at - start < duration:
+        now = time.perf_counter()
+        if next_at > now:
+            await asyncio.sleep(next_at - now)
+        yield next_at
+        next_at += rng.expovariate(rate) if poisson else 1.0 / rate
 
 
 async def run(
@@ -41,16 +58,10 @@ async def run(
                 return
             latencies.append(time.perf_counter() - scheduled)
 
-        rng = random.Random(7)
         tasks = []
         start = time.perf_counter()
-        next_at = start
-        while next_at - start < duration:
-            now = time.perf_counter()
-            if next_at > now:
-                await asyncio.sleep(next_at - now)
-            tasks.append(asyncio.create_task(one(next_at)))
-            next_at += rng.expovariate(rate) if poisson else 1.0 / rate
+        async for at in arrivals(rate, duration, poisson=poisson):
+            tasks.append(asyncio.create_task(one(at)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])

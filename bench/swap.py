@@ -49,6 +49,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from openloop import arrivals  # noqa: E402
 from serving import CLIENT_CPU, SERVER_CPU, Served  # noqa: E402
 
 MODEL = "breast_cancer"
@@ -138,15 +139,9 @@ async def load(
         answers.append(Answer(scheduled, sent, time.perf_counter(), status, version, error))
 
     tasks = []
-    start = time.perf_counter()
-    next_at = start
-    while next_at - start < duration:
-        now = time.perf_counter()
-        if next_at > now:
-            await asyncio.sleep(next_at - now)
+    async for at in arrivals(rate, duration):
         await slots.acquire()
-        tasks.append(asyncio.create_task(one(next_at)))
-        next_at += 1.0 / rate
+        tasks.append(asyncio.create_task(one(at)))
     await asyncio.gather(*tasks)
     return answers
 

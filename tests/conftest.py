@@ -39,6 +39,13 @@ def write_config(repo: Path, model: str, text: str) -> None:
     (repo / model / "config.yaml").write_text(text)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write-then-rename, as an operator's editor or deploy script should."""
+    staging = path.with_name(f".{path.name}.new")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 @pytest.fixture
 def server_config(repo: Path) -> ServerConfig:
     return ServerConfig(repository=repo, port=0, max_body_bytes=1 << 20, drain_timeout_s=5)

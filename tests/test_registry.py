@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import running
+from conftest import running, write_atomically
 from fastserve.config import ServerConfig
 from fastserve.server import Server
 from models import IR_VERSION, OPSET, adder, save
@@ -42,12 +42,6 @@ def config_text(*, primary: int | None = None, policy: str = "") -> str:
     if primary is not None:
         text += f"primary: {primary}\n"
     return text
-
-
-def write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.new")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 def add_versions(repo: Path, *versions: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import running
+from conftest import running, write_atomically
 from fastserve.config import ServerConfig
 from fastserve.model import ServedModel
 from fastserve.server import Server
@@ -38,12 +38,6 @@ BATCHING = "batching:\n  max_batch_size: 8\n  max_queue_delay_us: 500\n"
 def only(version: int) -> str:
     """Serve ``version`` and nothing else, so every swap loads and unloads sessions."""
     return f"{BATCHING}version_policy:\n  specific: [{version}]\nprimary: {version}\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.new")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 def copy_version(repo: Path, version: int) -> None:

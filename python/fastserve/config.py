@@ -243,9 +243,20 @@ def write_primary(path: Path, version: int) -> str:
         staging.write_text(new, encoding="utf-8")
         if load_model_config(staging, display=str(path)).primary != version:
             raise ConfigError(str(path), f"cannot set 'primary: {version}' in this file")
-        with open(staging, "rb") as handle:
+    finally:
+        staging.unlink(missing_ok=True)
+    replace_file(path, new)
+    return old
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` by write-then-rename (durable, never half-written)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
-    return old

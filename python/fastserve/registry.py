@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from fastserve import repository
-from fastserve.config import MODEL_CONFIG_FILE, load_model_config, write_primary
+from fastserve.config import (
+    MODEL_CONFIG_FILE,
+    ModelConfig,
+    load_model_config,
+    replace_file,
+    write_primary,
+)
 from fastserve.errors import ChangeRefused, FastServeError, ModelNotFound, ModelNotReady
 from fastserve.model import ModelState, ServedModel
 from fastserve.monitoring.metrics import Metrics
@@ -148,19 +154,20 @@ class Registry:
 
     def index(self) -> list[ModelStatus]:
         """The repository index: each model version with its state and reason."""
-        rows: list[ModelStatus] = []
-        for name in sorted(self._entries):
-            entry = self._entries[name]
-            route = self._routes.get(name)
-            versions = set(entry.loaded) | set(entry.states)
-            for version in sorted(versions, key=int):
-                state, reason = entry.states.get(version, (ModelState.READY, ""))
-                is_primary = route is not None and route.primary.version == version
-                if state is ModelState.READY and entry.problem:
-                    reason = f"serving; the last change was not applied: {entry.problem}"
-                rows.append(ModelStatus(name, version, state, reason, is_primary))
-            if not versions:
-                rows.append(ModelStatus(name, "", ModelState.UNAVAILABLE, entry.problem))
+        return [row for name in sorted(self._entries) for row in self._rows(self._entries[name])]
+
+    def _rows(self, entry: _Entry) -> list[ModelStatus]:
+        route = self._routes.get(entry.name)
+        versions = set(entry.loaded) | set(entry.states)
+        rows = []
+        for version in sorted(versions, key=int):
+            state, reason = entry.states.get(version, (ModelState.READY, ""))
+            is_primary = route is not None and route.primary.version == version
+            if state is ModelState.READY and entry.problem:
+                reason = f"serving; the last change was not applied: {entry.problem}"
+            rows.append(ModelStatus(entry.name, version, state, reason, is_primary))
+        if not versions:
+            rows.append(ModelStatus(entry.name, "", ModelState.UNAVAILABLE, entry.problem))
         return rows
 
     def _why_not_serving(self, entry: _Entry) -> str:
@@ -268,7 +275,7 @@ class Registry:
         try:
             return await self.apply(name)
         except FastServeError:
-            source.config_path.write_text(previous_text, encoding="utf-8")
+            replace_file(source.config_path, previous_text)
             raise
 
     async def rollback(self, name: str) -> Route:
@@ -387,7 +394,7 @@ class Registry:
         entry: _Entry,
         source: ModelSource,
         to_load: list[tuple[str, Any]],
-        config: Any,
+        config: ModelConfig,
         settings: dict[str, Any],
     ) -> dict[str, _Loaded]:
         """Load ``to_load`` one after the other (all or none: on a failure the ones
@@ -473,8 +480,8 @@ class Registry:
 
     def _publish(self, entry: _Entry) -> None:
         counts = {state: 0 for state in ModelState}
-        for row in self.index():
-            if row.name == entry.name and row.version:
+        for row in self._rows(entry):
+            if row.version:
                 counts[row.state] += 1
         self.metrics.model_states(entry.name, counts, failed=bool(entry.problem))
 

@@ -175,7 +175,9 @@ class Dispatcher:
                 return http_errors.method_not_allowed(request, "POST")
             if model is None:
                 return await admin.repository_index(request, self.state)
-            return await admin.model_action(request, self.state, action[11:], model)
+            return await admin.model_action(
+                request, self.state, action.removeprefix("repository_"), model
+            )
         except Exception as exc:
             return http_errors.response_for(exc, request)
 
