@@ -1,5 +1,6 @@
 """The batcher through the fastserve._core binding: batch formation, deadlines, bounds,
-zero-copy lifetimes, the notify fd, and a 10,000-request concurrency check."""
+zero-copy lifetimes, the notify and ready fds, both ways of running batches, and a
+10,000-request concurrency check."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import numpy as np
 import pytest
 
 from fastserve import _core
+from fastserve.batching import Execution, ModelBatcher
+from fastserve.config import BatchingConfig
+from fastserve.errors import ServerStopping
 
 LONG_DELAY_US = 10_000_000  # 10 s: only full / preferred / drain release within a test
 
@@ -497,6 +501,50 @@ async def test_notify_fd_drives_an_asyncio_loop() -> None:
     assert sorted(c.id for c in got) == ids
     assert all(float(c.outputs[0][0, 0]) == 2 * (c.id - 1) for c in got)
     assert wakeups <= b.stats()["batches"]
+
+
+@pytest.mark.parametrize("execution", ["event_loop", "threads"])
+async def test_model_batcher_answers_each_caller_with_its_own_rows(execution: Execution) -> None:
+    """Both ways of running batches, through the asyncio face: 200 concurrent callers with
+    1..3 rows each; the event loop needs no thread at all."""
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=300)
+    batcher = ModelBatcher("m:1", config, [lambda inputs: [inputs[0] * 2]], execution)
+    threads_before = threading.active_count()
+    batcher.start(asyncio.get_running_loop())
+    assert threading.active_count() == threads_before + (execution == "threads")
+    try:
+
+        async def call(i: int) -> None:
+            rows = 1 + i % 3
+            completion = await batcher.infer([row(i, rows=rows)])
+            assert completion.outputs[0].shape == (rows, 3)
+            assert (completion.outputs[0] == 2 * i).all()
+
+        await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(200))), 20)
+    finally:
+        await batcher.stop()
+    stats = batcher.core_stats()
+    assert stats["completed"] == 200
+    assert stats["batches"] < 200  # they shared batches
+
+
+async def test_stopping_an_event_loop_batcher_runs_what_is_queued() -> None:
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=10_000_000)
+    batcher = ModelBatcher("m:1", config, [lambda inputs: [inputs[0] + 1]], "event_loop")
+    batcher.start(asyncio.get_running_loop())
+    calls = [asyncio.ensure_future(batcher.infer([row(i)])) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert batcher.queue_depth == 3  # waiting for company, 10 s away
+    await batcher.stop()
+    done = await asyncio.gather(*calls)
+    assert [float(c.outputs[0][0, 0]) for c in done] == [1.0, 2.0, 3.0]
+    with pytest.raises(ServerStopping):
+        await batcher.infer([row(9)])
+
+
+def test_the_event_loop_runs_one_instance() -> None:
+    with pytest.raises(ValueError, match="one model instance"):
+        ModelBatcher("m:1", BatchingConfig(), [lambda i: i, lambda i: i], "event_loop")
 
 
 # --- concurrency ------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import running, write_config
 from fastserve.backends.onnxruntime import OnnxRuntimeSession
-from fastserve.config import ServerConfig
+from fastserve.config import ServerConfig, load_model_config
+from fastserve.errors import ConfigError
+from fastserve.model import resolve_execution
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,13 +49,19 @@ async def wait_for_depth(batcher: Any, depth: int) -> None:
     raise AssertionError(f"queue never reached {depth} (at {batcher.queue_depth})")
 
 
+@pytest.fixture(params=["event_loop", "threads"])
+def execution(request: pytest.FixtureRequest) -> str:
+    """Every behaviour here holds whichever runs the batches."""
+    return str(request.param)
+
+
 @pytest.fixture
-def adder_config(repo: Path, server_config: ServerConfig) -> ServerConfig:
+def adder_config(repo: Path, server_config: ServerConfig, execution: str) -> ServerConfig:
     write_config(
         repo,
         "adder",
         "batching:\n  max_batch_size: 4\n  max_queue_delay_us: 1000\n  max_queue_size: 8\n"
-        "  priority_levels: 2\n",
+        f"  priority_levels: 2\nexecution: {execution}\n",
     )
     return server_config
 
@@ -110,11 +118,14 @@ async def test_request_past_its_deadline_gets_503_and_never_runs(
         assert (await post(s, adder_body(2.0)))[0] == 200
 
 
-async def test_higher_priority_is_served_first(adder_config: ServerConfig, repo: Path) -> None:
+async def test_higher_priority_is_served_first(
+    adder_config: ServerConfig, repo: Path, execution: str
+) -> None:
     write_config(
         repo,
         "adder",
-        "batching:\n  max_batch_size: 1\n  max_queue_delay_us: 0\n  priority_levels: 2\n",
+        "batching:\n  max_batch_size: 1\n  max_queue_delay_us: 0\n  priority_levels: 2\n"
+        f"execution: {execution}\n",
     )
     async with (
         running(adder_config) as srv,
@@ -139,12 +150,15 @@ async def test_higher_priority_is_served_first(adder_config: ServerConfig, repo:
         assert set(finished[2:]) == {1, 2}
 
 
-async def test_concurrent_requests_share_batches(adder_config: ServerConfig) -> None:
+async def test_concurrent_requests_share_batches(
+    adder_config: ServerConfig, execution: str
+) -> None:
     async with (
         running(adder_config) as srv,
         aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
     ):
         model = srv.registry.get("adder")
+        assert model.batcher.execution == execution
         model.batcher.hold(8)
         results = await asyncio.gather(*(post(s, adder_body(i)) for i in range(8)))
         for i, (status, doc, _) in enumerate(results):
@@ -204,3 +218,52 @@ async def test_several_instances_each_run_batches(
             assert status == 200
             assert doc["outputs"][0]["data"] == [2.0 * i] * 4
         assert ran >= {id(session) for session in model.sessions}
+
+
+async def test_a_failing_batch_fails_only_its_own_requests(
+    adder_config: ServerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = OnnxRuntimeSession.run
+
+    def flaky(self: OnnxRuntimeSession, inputs: Any) -> Any:
+        if (inputs[0] == 13).any():
+            raise RuntimeError("row 13 is cursed")
+        return original(self, inputs)
+
+    monkeypatch.setattr(OnnxRuntimeSession, "run", flaky)
+    async with (
+        running(adder_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        status, doc, _ = await post(s, adder_body(13.0))
+        assert status == 500
+        assert "inference failed: RuntimeError: row 13 is cursed" in doc["error"]
+        status, doc, _ = await post(s, adder_body(1.0))  # the loop and the model live on
+        assert status == 200 and doc["outputs"][0]["data"] == [2.0] * 4
+        stats = srv.registry.get("adder").statistics()["inference_stats"]
+        assert stats["fail"]["count"] == 1 and stats["success"]["count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "provider", "expected"),
+    [
+        ("", "CPUExecutionProvider", "event_loop"),
+        ("", "CUDAExecutionProvider", "threads"),
+        ("instance_count: 2\n", "CPUExecutionProvider", "threads"),
+        ("execution: threads\n", "CPUExecutionProvider", "threads"),
+        ("execution: event_loop\n", "CUDAExecutionProvider", "event_loop"),
+    ],
+)
+def test_auto_execution_runs_one_cpu_instance_on_the_event_loop(
+    tmp_path: Path, text: str, provider: str, expected: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert resolve_execution(load_model_config(path, "m"), provider) == expected
+
+
+def test_the_event_loop_runs_one_instance_only(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("instance_count: 3\nexecution: event_loop\n")
+    with pytest.raises(ConfigError, match="event_loop runs one instance, but instance_count is 3"):
+        load_model_config(path, "m")

@@ -342,9 +342,11 @@ class PyBatcher {
       py::gil_scoped_release nogil;
       batch = core_->NextBatch();
     }
-    if (!batch) return py::none();
-    return py::cast(new PyBatch(std::move(batch)), py::return_value_policy::take_ownership);
+    return Wrap(std::move(batch));
   }
+
+  // The event loop is the worker: the GIL stays held (nothing else would run meanwhile).
+  py::object TryNextBatch() { return Wrap(core_->TryNextBatch()); }
 
   py::list Poll(int64_t timeout_ms) {
     std::vector<Completion> items;
@@ -377,6 +379,7 @@ class PyBatcher {
   }
 
   int notify_fd() const { return core_->notify_fd(); }
+  int ready_fd() const { return core_->ready_fd(); }
   void Stop() { core_->Stop(); }
   void Hold(int64_t n) {
     if (n < 0) throw py::value_error("hold(n) needs n >= 0");
@@ -408,6 +411,11 @@ class PyBatcher {
   // request id -> strong reference to its input arrays; GIL must be held.
   std::unordered_map<uint64_t, PyObject*> keep_;
   std::vector<Completion> carry_;  // GIL must be held
+
+  static py::object Wrap(std::unique_ptr<Batch> batch) {
+    if (!batch) return py::none();
+    return py::cast(new PyBatch(std::move(batch)), py::return_value_policy::take_ownership);
+  }
 
   static py::object MakeCompletion(Completion* c) {
     if (c->num_outputs() > 0 && !c->data) {
@@ -539,7 +547,11 @@ PYBIND11_MODULE(_core, m) {
            "Block (GIL released) until a batch is released; None once stopped and empty.")
       .def("poll", &PyBatcher::Poll, py::arg("timeout_ms") = 0,
            "Completions not yet returned; timeout_ms > 0 waits (GIL released) for one.")
+      .def("try_next_batch", &PyBatcher::TryNextBatch,
+           "The batch the policy releases now, or None; after None, ready_fd becomes "
+           "readable once one can be released. Never blocks.")
       .def_property_readonly("notify_fd", &PyBatcher::notify_fd)
+      .def_property_readonly("ready_fd", &PyBatcher::ready_fd)
       .def("stop", &PyBatcher::Stop, "Refuse new work; what is queued is still released.")
       .def("hold", &PyBatcher::Hold, py::arg("n"),
            "Test hook: nothing is released until n requests are queued (0 = no hold).")

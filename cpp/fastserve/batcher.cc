@@ -2,6 +2,9 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -93,6 +96,43 @@ std::string InputError(size_t i, const std::string& what) {
 template <typename T>
 void AppendRaw(std::string* s, T v) {
   s->append(reinterpret_cast<const char*>(&v), sizeof(v));
+}
+
+// The wake-up pipes are non-blocking: one byte means "look again".
+void WritePipe(int fd) {
+  const char byte = 1;
+  ssize_t rc;
+  do {
+    rc = ::write(fd, &byte, 1);
+  } while (rc < 0 && errno == EINTR);
+  // EAGAIN: the pipe is full of unread wake-ups already, which is as good as this one.
+}
+
+void DrainPipe(int fd) {
+  char buf[64];
+  for (;;) {
+    ssize_t rc = ::read(fd, buf, sizeof(buf));
+    if (rc > 0) continue;
+    if (rc < 0 && errno == EINTR) continue;
+    return;  // empty (EAGAIN) or closed
+  }
+}
+
+// Linux lets a sleeping thread's timer fire up to 50 us late by default (timer slack) so that
+// wake-ups coalesce; a batch delay of a few hundred microseconds cannot afford that.
+void TightenTimerSlack() {
+#ifdef __linux__
+  thread_local bool done = false;
+  if (!done) {
+    ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+    done = true;
+  }
+#endif
+}
+
+void ClosePipe(const int (&fds)[2]) {
+  ::close(fds[0]);
+  ::close(fds[1]);
 }
 
 }  // namespace
@@ -275,16 +315,22 @@ void Batch::FailLocked(std::string_view message) {
 
 std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy) {
   policy.Validate();
-  int fds[2];
-  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) {
+  int notify[2];
+  int ready[2];
+  if (::pipe2(notify, O_NONBLOCK | O_CLOEXEC) != 0) {
     throw std::system_error(errno, std::generic_category(), "fastserve: cannot create notify pipe");
+  }
+  if (::pipe2(ready, O_NONBLOCK | O_CLOEXEC) != 0) {
+    const int error = errno;
+    ClosePipe(notify);
+    throw std::system_error(error, std::generic_category(), "fastserve: cannot create ready pipe");
   }
   std::shared_ptr<Batcher> batcher;
   try {
-    batcher = std::shared_ptr<Batcher>(new Batcher(policy, fds[0], fds[1]));
+    batcher = std::shared_ptr<Batcher>(new Batcher(policy, notify, ready));
   } catch (...) {
-    ::close(fds[0]);
-    ::close(fds[1]);
+    ClosePipe(notify);
+    ClosePipe(ready);
     throw;
   }
   // Started after construction so that it only ever sees a complete object; the destructor
@@ -293,13 +339,16 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy) {
   return batcher;
 }
 
-Batcher::Batcher(const BatchPolicy& policy, int read_fd, int write_fd)
+Batcher::Batcher(const BatchPolicy& policy, const int (&notify)[2], const int (&ready)[2])
     : policy_(policy),
       rule_(policy),
-      notify_read_fd_(read_fd),
-      notify_write_fd_(write_fd),
+      notify_read_fd_(notify[0]),
+      notify_write_fd_(notify[1]),
+      ready_read_fd_(ready[0]),
+      ready_write_fd_(ready[1]),
       levels_(static_cast<size_t>(policy.priority_levels)) {
   timer_wake_ns_ = kNever;
+  release_wake_ns_ = kNever;
 }
 
 Batcher::~Batcher() {
@@ -313,6 +362,8 @@ Batcher::~Batcher() {
   if (timer_.joinable()) timer_.join();
   ::close(notify_read_fd_);
   ::close(notify_write_fd_);
+  ::close(ready_read_fd_);
+  ::close(ready_write_fd_);
 }
 
 SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priority,
@@ -416,6 +467,7 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
       timer_cv_.notify_one();
     }
   }
+  SignalIfReadyLocked(now);
   if (waiters_ > 0) {
     // Wake a worker only when it has something new to do: a batch can be released now, or the
     // head changed (its delay timer starts). Otherwise the sleeping workers' timers stand.
@@ -428,9 +480,9 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
 }
 
 std::unique_ptr<Batch> Batcher::NextBatch() {
+  TightenTimerSlack();  // this worker sleeps toward the head's delay
   for (;;) {
     std::unique_ptr<Batch> batch;
-    std::vector<Completion> expired;
     {
       std::unique_lock<std::mutex> lock(mu_);
       ++waiters_;
@@ -440,14 +492,9 @@ std::unique_ptr<Batch> Batcher::NextBatch() {
         ~WaiterGuard() { --*waiters; }
       } guard{&waiters_};
       for (;;) {
-        const int64_t now = NowNs();
-        ExpireLocked(now, &expired);
-        if (!expired.empty()) PushCompletions(&expired);
         ReleaseDecision decision;
-        if (DecideLocked(now, &decision)) {
-          batch = ExtractLocked(decision, now);
-          break;
-        }
+        batch = ReleaseLocked(NowNs(), &decision);
+        if (batch) break;
         if (stopped_ && depth_ == 0) break;
         if (decision.wait_ns > 0) {
           cv_.wait_for(lock, std::chrono::nanoseconds(decision.wait_ns));
@@ -475,13 +522,66 @@ std::unique_ptr<Batch> Batcher::NextBatch() {
   }
 }
 
+std::unique_ptr<Batch> Batcher::TryNextBatch() {
+  for (;;) {
+    std::unique_ptr<Batch> batch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      puller_ = true;
+      if (ready_armed_) {
+        DrainPipe(ready_read_fd_);
+        ready_armed_ = false;
+      }
+      const int64_t now = NowNs();
+      ReleaseDecision decision;
+      batch = ReleaseLocked(now, &decision);
+      SignalIfReadyLocked(now);  // what is left: readable again now, or a timer for its head
+      if (!batch) return nullptr;
+    }
+    try {
+      batch->Gather();
+      return batch;
+    } catch (const std::bad_alloc&) {
+      batch->Fail("out of memory while gathering batch " + std::to_string(batch->id()));
+    }
+  }
+}
+
+std::unique_ptr<Batch> Batcher::ReleaseLocked(int64_t now, ReleaseDecision* decision) {
+  std::vector<Completion> expired;
+  ExpireLocked(now, &expired);
+  if (!expired.empty()) PushCompletions(&expired);
+  if (!DecideLocked(now, decision)) return nullptr;
+  return ExtractLocked(*decision, now);
+}
+
+void Batcher::SignalIfReadyLocked(int64_t now) {
+  if (!puller_ || ready_armed_) return;
+  ReleaseDecision decision;
+  if (DecideLocked(now, &decision)) {
+    ready_armed_ = true;
+    release_wake_ns_ = kNever;
+    WritePipe(ready_write_fd_);
+  } else if (decision.wait_ns > 0) {
+    ArmReleaseTimerLocked(now + decision.wait_ns);
+  }
+}
+
+void Batcher::ArmReleaseTimerLocked(int64_t at_ns) {
+  release_wake_ns_ = at_ns;
+  if (at_ns < timer_wake_ns_) {
+    timer_wake_ns_ = at_ns;
+    timer_cv_.notify_one();
+  }
+}
+
 void Batcher::Poll(std::vector<Completion>* out, int64_t timeout_ms) {
   out->clear();
   const auto until = std::chrono::steady_clock::now() +
                      std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
   for (;;) {
     // Drain before swapping: a push after the swap re-arms and writes a fresh byte.
-    DrainNotifyPipe();
+    DrainPipe(notify_read_fd_);
     std::unique_lock<std::mutex> lock(cmu_);
     if (!pending_.empty() || timeout_ms <= 0) {
       armed_ = false;
@@ -499,6 +599,7 @@ void Batcher::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopped_ = true;
+    SignalIfReadyLocked(NowNs());
   }
   cv_.notify_all();
 }
@@ -507,6 +608,7 @@ void Batcher::Hold(int64_t n) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     hold_ = std::max<int64_t>(n, 0);
+    SignalIfReadyLocked(NowNs());
   }
   cv_.notify_all();
 }
@@ -543,10 +645,11 @@ BatcherStats Batcher::stats() const {
 }
 
 void Batcher::TimerLoop() {
+  TightenTimerSlack();
   std::vector<Completion> expired;
   std::unique_lock<std::mutex> lock(mu_);
   while (!shutdown_) {
-    const int64_t next = NextDeadlineLocked();
+    const int64_t next = std::min(NextDeadlineLocked(), release_wake_ns_);
     timer_wake_ns_ = next;
     if (next == kNever) {
       timer_cv_.wait(lock);
@@ -555,8 +658,10 @@ void Batcher::TimerLoop() {
       if (next > now) timer_cv_.wait_for(lock, std::chrono::nanoseconds(next - now));
     }
     if (shutdown_) break;
-    ExpireLocked(NowNs(), &expired);
-    if (!expired.empty()) {
+    const int64_t now = NowNs();
+    ExpireLocked(now, &expired);
+    const bool head_may_change = !expired.empty();
+    if (head_may_change) {
       // The head may have changed, and with it what a waiting worker should do.
       if (waiters_ > 0) cv_.notify_one();
       try {
@@ -565,6 +670,10 @@ void Batcher::TimerLoop() {
         // Out of memory: the expired requests are lost to the poller, but the timer lives on.
       }
       expired.clear();
+    }
+    if (head_may_change || release_wake_ns_ <= now) {
+      release_wake_ns_ = kNever;
+      SignalIfReadyLocked(now);
     }
   }
 }
@@ -758,24 +867,7 @@ void Batcher::PushCompletions(std::vector<Completion>* items) {
     if (poll_waiters_ > 0) ccv_.notify_all();
   }
   items->clear();
-  if (wake) {
-    const char byte = 1;
-    ssize_t rc;
-    do {
-      rc = ::write(notify_write_fd_, &byte, 1);
-    } while (rc < 0 && errno == EINTR);
-    // EAGAIN: the pipe is full of unread wake-ups already, which is as good as this one.
-  }
-}
-
-void Batcher::DrainNotifyPipe() {
-  char buf[64];
-  for (;;) {
-    ssize_t rc = ::read(notify_read_fd_, buf, sizeof(buf));
-    if (rc > 0) continue;
-    if (rc < 0 && errno == EINTR) continue;
-    return;  // empty (EAGAIN) or closed
-  }
+  if (wake) WritePipe(notify_write_fd_);
 }
 
 }  // namespace fastserve

@@ -2,7 +2,9 @@
 // policy to worker threads, and a completion queue that wakes an event loop once per batch.
 //
 // Threads: any number of submitters, workers (NextBatch, then Batch::Complete/Fail) and pollers;
-// one internal timer thread expires deadlines. No call throws across threads: a worker's error
+// or, instead of workers, one puller (an event loop) that calls TryNextBatch when ready_fd is
+// readable. One internal timer thread expires deadlines and tells the puller when the delay of
+// the queue's head has passed. No call throws across threads: a worker's error
 // reaches the requests of its batch as a Completion with status kError.
 #ifndef FASTSERVE_BATCHER_H_
 #define FASTSERVE_BATCHER_H_
@@ -160,6 +162,14 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // Blocks until a batch is released by policy; nullptr once stopped and the queue is empty.
   std::unique_ptr<Batch> NextBatch();
 
+  // For an event loop that runs batches itself, with no worker thread: the batch the policy
+  // releases now, or nullptr. Never blocks. From the first call on, ready_fd() turns readable
+  // whenever a batch can be released (a Submit fills one, the head's delay passes, Stop or
+  // Hold opens the queue) and stays so until the next call, which drains it.
+  std::unique_ptr<Batch> TryNextBatch();
+  // Read end of a non-blocking pipe: "call TryNextBatch" (one byte per wake-up, coalesced).
+  int ready_fd() const { return ready_read_fd_; }
+
   // Moves the completions not yet returned into *out (cleared first). timeout_ms > 0: waits up
   // to that long for at least one. Drains the notify pipe first.
   void Poll(std::vector<Completion>* out, int64_t timeout_ms);
@@ -189,8 +199,13 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
     Request* request;
   };
 
-  Batcher(const BatchPolicy& policy, int read_fd, int write_fd);
+  Batcher(const BatchPolicy& policy, const int (&notify)[2], const int (&ready)[2]);
   void TimerLoop();
+  // Extracts the batch the policy releases now, if any, after expiring deadlines.
+  std::unique_ptr<Batch> ReleaseLocked(int64_t now, ReleaseDecision* decision);
+  // For a puller: write ready_fd if a batch can be released now, else make the timer thread
+  // wake when the head's delay passes.
+  void SignalIfReadyLocked(int64_t now);
 
   // mu_ must be held by the callers of these.
   void ExpireLocked(int64_t now, std::vector<Completion>* expired);
@@ -206,12 +221,14 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   // Takes cmu_; may be called with or without mu_ held (lock order: mu_ before cmu_).
   void PushCompletions(std::vector<Completion>* items);
-  void DrainNotifyPipe();
+  void ArmReleaseTimerLocked(int64_t at_ns);  // mu_ held: wake the timer thread by at_ns
 
   const BatchPolicy policy_;
   const ReleaseRule rule_;
   const int notify_read_fd_;
   const int notify_write_fd_;
+  const int ready_read_fd_;
+  const int ready_write_fd_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;        // workers in NextBatch wait here
@@ -224,7 +241,10 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   int waiters_ = 0;  // workers blocked in NextBatch
   uint64_t next_request_id_ = 1;
   uint64_t next_batch_id_ = 1;
-  int64_t timer_wake_ns_ = 0;                          // deadline the timer thread sleeps toward
+  int64_t timer_wake_ns_ = 0;    // deadline the timer thread sleeps toward
+  bool puller_ = false;          // TryNextBatch was called: keep ready_fd up to date
+  bool ready_armed_ = false;     // a byte is in the ready pipe
+  int64_t release_wake_ns_ = 0;  // when the head's delay passes, for a puller (kNever: none)
   std::vector<batcher_internal::RequestList> levels_;  // arrival order per priority level
   std::unordered_map<std::string, std::unique_ptr<Group>> groups_;  // by shape key
   std::vector<DeadlineEntry> deadlines_;  // min-heap; entries of released requests are stale

@@ -443,6 +443,124 @@ TEST(BatcherTest, NotifyFdIsWrittenAtMostOncePerBatch) {
   EXPECT_FALSE(Readable(fd));  // poll drained the pipe
 }
 
+// --- an event loop as the only worker (TryNextBatch + ready_fd) ---
+
+bool ReadableWithin(int fd, int timeout_ms) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, timeout_ms) == 1 && (p.revents & POLLIN);
+}
+
+TEST(BatcherTest, TryNextBatchNeverBlocksAndReadyFdSaysWhenABatchFills) {
+  auto b = Batcher::Create(Policy(4));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // empty queue
+  MustSubmit(*b, inputs, 1, 1);
+  MustSubmit(*b, inputs, 2, 2);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // 3 of 4 rows, delay far away
+  EXPECT_FALSE(Readable(ready));
+  MustSubmit(*b, inputs, 1, 3);  // full: the submitter tells the puller
+  EXPECT_TRUE(Readable(ready));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kFull);
+  EXPECT_EQ(batch->rows(), 4);
+  EXPECT_EQ(batch->inputs().size(), 1u);
+  EXPECT_FALSE(Readable(ready));  // drained by the call that found the batch
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  batch->Fail("done");
+}
+
+TEST(BatcherTest, ReadyFdIsWrittenOnceTheHeadDelayPasses) {
+  constexpr int64_t kDelayUs = 30'000;
+  auto b = Batcher::Create(Policy(8, kDelayUs));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  const auto start = std::chrono::steady_clock::now();
+  MustSubmit(*b, inputs, 1, 0);
+  EXPECT_FALSE(Readable(ready));
+  ASSERT_TRUE(ReadableWithin(ready, 2000));  // the timer thread, not a submit, wrote it
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::microseconds(kDelayUs));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+  EXPECT_EQ(batch->rows(), 1);
+  EXPECT_GE(batch->requests()[0].queue_wait_ns, kDelayUs * 1000);
+  batch->Fail("done");
+}
+
+TEST(BatcherTest, ReadyFdStaysQuietUntilAPullerAsks) {
+  auto b = Batcher::Create(Policy(2));
+  Inputs inputs;
+  MustSubmit(*b, inputs, 2, 0);  // releasable, but nobody pulls: worker threads may be in use
+  EXPECT_FALSE(Readable(b->ready_fd()));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  batch->Fail("done");
+}
+
+TEST(BatcherTest, APullerThatTakesOneBatchPerWakeUpIsToldOfTheNext) {
+  auto b = Batcher::Create(Policy(2));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  for (int i = 0; i < 4; ++i) MustSubmit(*b, inputs, 1, static_cast<float>(i));
+  ASSERT_TRUE(Readable(ready));
+  auto first = b->TryNextBatch();
+  ASSERT_NE(first, nullptr);
+  EXPECT_TRUE(Readable(ready));  // two more rows make another full batch
+  auto second = b->TryNextBatch();
+  ASSERT_NE(second, nullptr);
+  EXPECT_FALSE(Readable(ready));
+  first->Fail("done");
+  second->Fail("done");
+}
+
+TEST(BatcherTest, StopTellsThePullerToDrainTheQueue) {
+  auto b = Batcher::Create(Policy(8));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  MustSubmit(*b, inputs, 2, 0);
+  MustSubmit(*b, inputs, 1, 0);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  b->Stop();
+  EXPECT_TRUE(Readable(ready));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kDrain);
+  EXPECT_EQ(batch->rows(), 3);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  batch->Fail("done");
+}
+
+TEST(BatcherTest, AnExpiredHeadMovesThePullersTimerToTheNextHead) {
+  constexpr int64_t kDelayUs = 200'000;
+  auto b = Batcher::Create(Policy(8, kDelayUs));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  SubmitResult doomed = Submit(*b, inputs, 1, 0, /*priority=*/0, /*timeout_us=*/10'000);
+  ASSERT_EQ(doomed.code, SubmitCode::kOk);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto second_submitted = std::chrono::steady_clock::now();
+  MustSubmit(*b, inputs, 1, 0);
+  ASSERT_TRUE(ReadableWithin(ready, 3000));
+  // Released by the delay of the second request, which started when it was queued.
+  EXPECT_GE(std::chrono::steady_clock::now() - second_submitted,
+            std::chrono::microseconds(kDelayUs));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  ASSERT_EQ(batch->requests().size(), 1u);
+  EXPECT_NE(batch->requests()[0].id, doomed.id);
+  batch->Fail("done");
+  std::vector<Completion> done;
+  b->Poll(&done, 0);
+  ASSERT_EQ(done.size(), 2u);
+  EXPECT_EQ(done[0].id, doomed.id);
+  EXPECT_EQ(done[0].status, CompletionStatus::kTimeout);
+}
+
 TEST(BatcherTest, InvalidSubmitsAreRejected) {
   BatchPolicy p = Policy(4);
   p.priority_levels = 2;

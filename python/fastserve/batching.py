@@ -1,10 +1,21 @@
-"""The asyncio face of the native batcher, and the worker threads that run a backend.
+"""The asyncio face of the native batcher, and what runs the backend on its batches.
 
 One ``ModelBatcher`` per served model version. Requests are submitted to ``_core.Batcher``
-from the event loop without copying their tensors; worker threads (one per model instance)
-block in ``next_batch()`` with the GIL released, run the backend on the gathered batch and
-hand the outputs back to the core, which scatters them per request. The core signals a pipe
-at most once per batch; the event loop reads it and resolves every finished request at once.
+from the event loop without copying their tensors. A released batch is gathered into one
+buffer by the core and run in one of two ways:
+
+``threads``
+    Worker threads (one per model instance) block in ``next_batch()`` with the GIL
+    released, run the backend and hand the outputs back to the core, which scatters them
+    per request. The core signals a pipe at most once per batch; the event loop reads it
+    and resolves every finished request at once. Batches run beside the event loop, but
+    each one needs the GIL handed over from the loop a few times, which costs up to the
+    interpreter's switch interval (5 ms) whenever the loop is busy.
+``event_loop``
+    The loop runs the batches itself: when the core's ``ready_fd`` says a batch can be
+    released (it filled, or the head's delay passed: the core's timer thread tells), the
+    loop takes it with ``try_next_batch()`` and runs the backend inline. No thread waits
+    for the GIL, and no thread switch happens between a request and its batch.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy.typing as npt
 
@@ -27,6 +38,8 @@ log = logging.getLogger("fastserve.batching")
 
 Runner = Callable[[list[npt.NDArray[Any]]], list[npt.NDArray[Any]]]
 """Runs one batch: inputs in signature order -> outputs in signature order."""
+
+Execution = Literal["threads", "event_loop"]
 
 
 def make_policy(config: BatchingConfig) -> _core.BatchPolicy:
@@ -43,10 +56,19 @@ def make_policy(config: BatchingConfig) -> _core.BatchPolicy:
 class ModelBatcher:
     """Queue, batch and run requests for one model version."""
 
-    def __init__(self, label: str, config: BatchingConfig, runners: Sequence[Runner]) -> None:
+    def __init__(
+        self,
+        label: str,
+        config: BatchingConfig,
+        runners: Sequence[Runner],
+        execution: Execution = "threads",
+    ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner (model instance)")
+        if execution == "event_loop" and len(runners) != 1:
+            raise ValueError("the event loop runs one model instance, not several")
         self.label = label
+        self.execution = execution
         self.config = config
         self.batch_sizes = BatchSizes()
         self._core = _core.Batcher(make_policy(config))
@@ -59,9 +81,14 @@ class ModelBatcher:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the worker threads and listen for completions on ``loop``."""
+        """Listen for completions on ``loop``; start the worker threads or have ``loop``
+        run the batches."""
         self._loop = loop
         loop.add_reader(self._core.notify_fd, self._deliver)
+        if self.execution == "event_loop":
+            loop.add_reader(self._core.ready_fd, self._run_ready)
+            self._run_ready()  # arms ready_fd
+            return
         for i, runner in enumerate(self._runners):
             thread = threading.Thread(
                 target=self._work, args=(runner,), name=f"fastserve-{self.label}-{i}", daemon=True
@@ -75,10 +102,15 @@ class ModelBatcher:
             return
         self._stopped = True
         self._core.stop()
-        await asyncio.to_thread(self._join)
+        if self.execution == "event_loop":
+            self._run_ready()  # stopped: the core releases all that is queued
+        else:
+            await asyncio.to_thread(self._join)
         self._deliver()  # completions of the last batches
         if self._loop is not None:
             self._loop.remove_reader(self._core.notify_fd)
+            if self.execution == "event_loop":
+                self._loop.remove_reader(self._core.ready_fd)
 
     def _join(self) -> None:
         for thread in self._threads:
@@ -131,25 +163,34 @@ class ModelBatcher:
             if future is not None and not future.done():
                 future.set_result(completion)
 
-    # -- worker threads ---------------------------------------------------------------------
+    # -- running batches --------------------------------------------------------------------
 
     def _work(self, runner: Runner) -> None:
-        core = self._core
-        batch_sizes = self.batch_sizes
-        while True:
-            batch = core.next_batch()
-            if batch is None:
-                return
-            rows = batch.rows
-            started = time.perf_counter_ns()
-            try:
-                outputs = runner(batch.inputs)
-                batch.complete(outputs)
-            except Exception as exc:  # the error belongs to this batch's requests alone
-                message = _short_error(exc)
-                log.error("model %s: batch of %d rows failed: %s", self.label, rows, message)
-                batch.fail(f"inference failed: {message}")
-            batch_sizes.record(rows, time.perf_counter_ns() - started)
+        """A worker thread: run batches until the core is stopped and empty."""
+        while (batch := self._core.next_batch()) is not None:
+            self._run(runner, batch)
+
+    def _run_ready(self) -> None:
+        """On the event loop: run every batch the core releases now, then answer them."""
+        runner = self._runners[0]
+        ran = False
+        while (batch := self._core.try_next_batch()) is not None:
+            self._run(runner, batch)
+            ran = True
+        if ran:
+            self._deliver()  # now, rather than one loop iteration later via notify_fd
+
+    def _run(self, runner: Runner, batch: _core.Batch) -> None:
+        rows = batch.rows
+        started = time.perf_counter_ns()
+        try:
+            outputs = runner(batch.inputs)
+            batch.complete(outputs)
+        except Exception as exc:  # the error belongs to this batch's requests alone
+            message = _short_error(exc)
+            log.error("model %s: batch of %d rows failed: %s", self.label, rows, message)
+            batch.fail(f"inference failed: {message}")
+        self.batch_sizes.record(rows, time.perf_counter_ns() - started)
 
 
 def _short_error(exc: BaseException, limit: int = 200) -> str:

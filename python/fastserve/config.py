@@ -120,10 +120,25 @@ class ModelConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     instance_count: int = Field(1, ge=1, le=64)
     """Model instances, each with its own session and worker thread."""
+    execution: Literal["auto", "event_loop", "threads"] = "auto"
+    """What runs the batches. ``event_loop``: the server's event loop, inline, with no
+    thread hand-off (fastest on CPU, where the loop and the model share the cores anyway).
+    ``threads``: one worker thread per instance, beside the loop (lets a GPU model compute
+    while the loop parses the next requests). ``auto``: ``event_loop`` for one instance on
+    the CPU, ``threads`` otherwise."""
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
     warmup: bool = True
     """Run generated inputs through each instance before the model is reported ready."""
     description: str = ""
+
+    @model_validator(mode="after")
+    def _check_execution(self) -> ModelConfig:
+        if self.execution == "event_loop" and self.instance_count != 1:
+            raise ValueError(
+                f"execution: event_loop runs one instance, but instance_count is "
+                f"{self.instance_count} (use threads)"
+            )
+        return self
 
     def serving_settings(self) -> dict[str, Any]:
         """The settings a loaded version is built from: when these are unchanged, an edit

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastserve.backends.onnxruntime import OnnxRuntimeSession
-from fastserve.batching import ModelBatcher
+from fastserve.backends.onnxruntime import CPU, OnnxRuntimeSession
+from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
 from fastserve.protocol import ModelSignature
@@ -28,6 +28,15 @@ class ModelState(str, enum.Enum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
+
+
+def resolve_execution(config: ModelConfig, provider: str) -> Execution:
+    """``auto``: the event loop for one CPU instance; threads for a GPU or several instances."""
+    if config.execution != "auto":
+        return config.execution
+    if config.instance_count == 1 and provider == CPU:
+        return "event_loop"
+    return "threads"
 
 
 @dataclass(eq=False)  # a loaded version is itself, not equal to a copy of its fields
@@ -64,13 +73,17 @@ class ServedModel:
                     session.warmup(config.batching.max_batch_size)
                 except Exception as exc:
                     raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
-        batcher = ModelBatcher(f"{name}:{version}", config.batching, [s.run for s in sessions])
+        execution = resolve_execution(config, sessions[0].provider)
+        batcher = ModelBatcher(
+            f"{name}:{version}", config.batching, [s.run for s in sessions], execution
+        )
         log.info(
-            "model %s:%s loaded: %d instance(s), max batch %d",
+            "model %s:%s loaded: %d instance(s), max batch %d, batches run on %s",
             name,
             version,
             len(sessions),
             config.batching.max_batch_size,
+            "the event loop" if execution == "event_loop" else "worker threads",
         )
         return cls(name, version, config, signature, sessions, batcher)
 
