@@ -68,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
             watch_debounce_ms=args.watch_debounce_ms,
             poll_interval_s=args.poll_interval,
             admin_token=_admin_token(args.admin_token_file),
+            state_db=args.state_db,
+            retention_days=args.retention_days,
         )
     except ValidationError as exc:
         print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
@@ -134,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-token-file",
         help=f"file holding the admin token (default: ${ADMIN_TOKEN_ENV}; none: admin API off)",
+    )
+    serve.add_argument(
+        "--state-db",
+        type=Path,
+        help="SQLite file of predictions, feedback, shadow comparisons, review items and "
+        "promotion records (default: REPO-state.db beside the repository)",
+    )
+    serve.add_argument(
+        "--retention-days", type=float, default=7.0, help="keep records this long (default 7)"
     )
     serve.set_defaults(func=_serve)
 

@@ -109,6 +109,49 @@ class VersionPolicy(_Strict):
         return sorted(available)[-(self.latest or 1) :]
 
 
+class ShadowConfig(_Strict):
+    """A candidate version that sees mirrored live traffic; the client never waits for it."""
+
+    version: int = Field(ge=1)
+    """The version mirrored to; loaded like the primary, whatever the version policy."""
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of the primary's successful requests mirrored to the shadow."""
+    max_pending: int = Field(64, ge=1, le=100_000)
+    """Mirrored requests waiting or running at most; beyond it they are dropped, counted."""
+    timeout_ms: int = Field(2000, ge=1, le=600_000)
+    """A mirrored request the shadow has not answered by then counts as a shadow error."""
+
+
+class ReviewConfig(_Strict):
+    """Which predictions a person should look at."""
+
+    confidence_measure: Literal["max_probability", "margin", "entropy"] = "max_probability"
+    """max_probability: the top class's probability; margin: top minus runner-up;
+    entropy: 1 - H(p)/log(classes). Higher is surer for all three."""
+    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    """A classifier's prediction with a row below this goes to the review queue (none: off)."""
+    disagreement_sample_rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of shadow disagreements that go to the review queue."""
+    max_pending: int = Field(10_000, ge=1, le=10_000_000)
+    """Unlabelled items kept at most per model; more are not queued (counted)."""
+
+
+class PromotionGate(_Strict):
+    """What the shadow must show before ``promote`` makes it the primary (unless forced)."""
+
+    min_compared: int = Field(100, ge=0)
+    """Mirrored requests compared with the primary, at least."""
+    min_agreement: float = Field(0.95, ge=0.0, le=1.0)
+    """Classifiers: the share of compared requests with the same top-1 class, at least."""
+    min_labelled: int = Field(0, ge=0)
+    """Compared requests with feedback, at least, before accuracy is judged."""
+    max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0)
+    """Shadow accuracy on the labelled compared requests may be below the primary's by
+    this much at most (0: at least as accurate)."""
+    max_p99_regression: float = Field(0.25, ge=0.0)
+    """The shadow's p99 latency may exceed the primary's by this fraction at most."""
+
+
 class ModelConfig(_Strict):
     """The ``config.yaml`` of one model folder."""
 
@@ -129,6 +172,12 @@ class ModelConfig(_Strict):
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
     warmup: bool = True
     """Run generated inputs through each instance before the model is reported ready."""
+    task: Literal["auto", "classifier", "regressor"] = "auto"
+    """How predictions are read for shadow comparison, review and accuracy: a classifier
+    by its [rows, classes] probabilities, a regressor by its one float output."""
+    shadow: ShadowConfig | None = None
+    review: ReviewConfig = ReviewConfig()
+    promotion: PromotionGate = PromotionGate()
     description: str = ""
 
     @model_validator(mode="after")
@@ -138,12 +187,16 @@ class ModelConfig(_Strict):
                 f"execution: event_loop runs one instance, but instance_count is "
                 f"{self.instance_count} (use threads)"
             )
+        if self.shadow is not None and self.primary == self.shadow.version:
+            raise ValueError(f"version {self.primary} cannot be both primary and shadow")
         return self
 
     def serving_settings(self) -> dict[str, Any]:
         """The settings a loaded version is built from: when these are unchanged, an edit
         of the config reuses the loaded sessions."""
-        return self.model_dump(exclude={"version_policy", "primary", "description"})
+        return self.model_dump(
+            exclude={"version_policy", "primary", "description", "shadow", "review", "promotion"}
+        )
 
 
 def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
@@ -233,30 +286,46 @@ class ServerConfig(_Strict):
     admin_token: SecretStr | None = None
     """Bearer token the admin routes (repository API) require. Without one they are
     refused. Never logged."""
+    state_db: Path | None = None
+    """The SQLite file of predictions, shadow comparisons, feedback, review items and
+    promotion records. None: ``REPO-state.db`` beside the repository folder REPO."""
+    retention_days: float = Field(7.0, gt=0, le=3650)
+    """Records older than this are deleted (promotion records are kept)."""
+
+    @property
+    def state_path(self) -> Path:
+        repo = self.repository.resolve()
+        return self.state_db or repo.parent / f"{repo.name}-state.db"
 
 
 _PRIMARY_LINE = re.compile(r"^primary:[^\n]*$", re.MULTILINE)
+# A top-level ``shadow:`` mapping: its line and the indented (or blank) lines under it.
+_SHADOW_BLOCK = re.compile(r"^shadow:[^\n]*\n(?:(?:[ \t]+[^\n]*|[ \t]*)(?:\n|$))*", re.MULTILINE)
 
 
-def write_primary(path: Path, version: int) -> str:
-    """Set ``primary: VERSION`` in the model config at ``path``; return the old text.
+def write_primary(path: Path, version: int, *, drop_shadow: bool = False) -> str:
+    """Set ``primary: VERSION`` in the model config at ``path`` (and with ``drop_shadow``
+    remove its ``shadow:`` section: a promoted shadow is the primary now); return the old
+    text.
 
-    Only that line changes (it is added when missing), so comments and layout survive.
-    The new text is validated before it replaces the file, by write-then-rename, so a
-    reader never sees half of it.
+    Only those lines change (``primary`` is added when missing), so comments and layout
+    survive. The new text is validated before it replaces the file, by write-then-rename,
+    so a reader never sees half of it.
     """
     try:
         old = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read: {exc.__class__.__name__}") from None
+    new = _SHADOW_BLOCK.sub("", old, count=1) if drop_shadow else old
     line = f"primary: {version}"
-    new, found = _PRIMARY_LINE.subn(line, old, count=1)
+    new, found = _PRIMARY_LINE.subn(line, new, count=1)
     if not found:
-        new = f"{old}{'' if not old or old.endswith(chr(10)) else chr(10)}{line}\n"
+        new = f"{new}{'' if not new or new.endswith(chr(10)) else chr(10)}{line}\n"
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         staging.write_text(new, encoding="utf-8")
-        if load_model_config(staging, display=str(path)).primary != version:
+        written = load_model_config(staging, display=str(path))
+        if written.primary != version or (drop_shadow and written.shadow is not None):
             raise ConfigError(str(path), f"cannot set 'primary: {version}' in this file")
     finally:
         staging.unlink(missing_ok=True)

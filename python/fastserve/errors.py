@@ -32,6 +32,10 @@ class ModelNotFound(FastServeError):
         super().__init__(f"unknown {what}")
 
 
+class RecordNotFound(FastServeError):
+    """No such record: a request id without a prediction, a review item (HTTP 404)."""
+
+
 class ModelNotReady(FastServeError):
     """The model exists but cannot serve right now (HTTP 503)."""
 
@@ -106,6 +110,15 @@ class ChangeRefused(FastServeError):
         self.name = name
         self.problem = problem
         super().__init__(f"model '{name}': change not applied: {problem}")
+
+
+class GateFailed(FastServeError):
+    """A promotion's gate did not pass (HTTP 409); ``conditions`` says which failed."""
+
+    def __init__(self, name: str, conditions: list[dict[str, object]]) -> None:
+        self.conditions = conditions
+        failed = ", ".join(str(c["name"]) for c in conditions if not c["passed"])
+        super().__init__(f"model '{name}': the promotion gate did not pass ({failed})")
 
 
 class Unauthorized(FastServeError):

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ class Route:
 
     primary: ServedModel
     versions: Mapping[str, ServedModel]
+    config: ModelConfig
+    """The model's config as last applied (shadow, review and gate settings come from it)."""
+    shadow: ServedModel | None = None
+    """The version mirrored to, when the config names one (also in ``versions``)."""
 
 
 @dataclass
@@ -132,6 +136,10 @@ class Registry:
         if model is None:
             raise ModelNotFound(name, version)
         return model
+
+    def route(self, name: str) -> Route | None:
+        """What serves ``name`` now (None: nothing)."""
+        return self._routes.get(name)
 
     def versions(self, name: str) -> list[str]:
         """The loaded versions of ``name``, oldest first."""
@@ -261,15 +269,16 @@ class Registry:
             self._publish(entry)
         log.info("model %s: unloaded", name)
 
-    async def set_primary(self, name: str, version: str) -> Route:
-        """Make ``version`` primary by editing the model's config file, then apply it.
+    async def set_primary(self, name: str, version: str, *, drop_shadow: bool = False) -> Route:
+        """Make ``version`` primary by editing the model's config file (with
+        ``drop_shadow``, also removing its shadow section), then apply it.
 
         If it cannot be applied, the file is put back as it was and nothing changes.
         """
         source = self._source(name)
         if version not in source.versions():
             raise ChangeRefused(name, f"there is no version {version} with a {MODEL_FILE}")
-        previous_text = write_primary(source.config_path, int(version))
+        previous_text = write_primary(source.config_path, int(version), drop_shadow=drop_shadow)
         entry = self._entry(name)
         entry.unloaded = False
         try:
@@ -331,42 +340,62 @@ class Registry:
                     f"primary version {config.primary} has no folder with a {MODEL_FILE}",
                 )
             wanted = sorted({*wanted, config.primary})
-        if not wanted:
+        shadow = None if config.shadow is None else config.shadow.version
+        if shadow is not None and shadow not in available:
+            raise self._refuse(entry, f"shadow version {shadow} has no folder with a {MODEL_FILE}")
+        candidates = [v for v in wanted if v != shadow]
+        if not candidates:
             what = "no version folder" if not available else "the version policy selects none"
+            if shadow is not None and wanted:
+                what = "the version policy selects only the shadow version (set primary)"
             raise self._refuse(entry, f"{what} (found versions: {available or 'none'})")
-        primary = str(config.primary or wanted[-1])
-        settings = config.serving_settings()
+        primary = str(config.primary or candidates[-1])
+        if shadow is not None:
+            wanted = sorted({*wanted, shadow})
+        # A shadow runs on worker threads, never on the event loop: a slow or hanging
+        # shadow must not hold up the primary's requests.
+        shadow_config = config.model_copy(update={"execution": "threads"})
+        configs = {str(v): shadow_config if v == shadow else config for v in wanted}
 
         keep: dict[str, _Loaded] = {}
         to_load: list[tuple[str, Any]] = []
         for version in map(str, wanted):
             fingerprint = source.fingerprint(version)
             current = entry.loaded.get(version)
+            settings = configs[version].serving_settings()
             if current and current.fingerprint == fingerprint and current.settings == settings:
                 keep[version] = current
             else:
                 to_load.append((version, fingerprint))
-        unchanged = (
+        serving = self._routes.get(name)
+        if (
             not to_load
             and keep.keys() == entry.loaded.keys()
-            and name in self._routes
-            and self._routes[name].primary.version == primary
-        )
-        if unchanged:
+            and serving is not None
+            and serving.primary.version == primary
+            and (serving.shadow and serving.shadow.version) == (shadow and str(shadow))
+        ):
+            if serving.config != config:  # review or gate settings: no session changes
+                serving = self._routes[name] = replace(serving, config=config)
             if entry.problem or entry.states:
                 entry.problem = ""
                 entry.states = {}  # only failures of earlier attempts can be left here
                 self._publish(entry)
-            return self._routes[name]
+            return serving
 
         started = time.perf_counter()
-        fresh = await self._load_versions(entry, source, to_load, config, settings)
+        fresh = await self._load_versions(entry, source, to_load, configs)
         loop = asyncio.get_running_loop()
         for loaded in fresh.values():
             loaded.model.start(loop)
         new = {**keep, **fresh}
         retired = [old.model for v, old in entry.loaded.items() if new.get(v) is not old]
-        route = Route(new[primary].model, {v: loaded.model for v, loaded in new.items()})
+        route = Route(
+            new[primary].model,
+            {v: loaded.model for v, loaded in new.items()},
+            config,
+            None if shadow is None else new[str(shadow)].model,
+        )
         # the switch: from here on every request resolves to the new set of versions
         self._routes[name] = route
         entry.loaded = new
@@ -394,8 +423,7 @@ class Registry:
         entry: _Entry,
         source: ModelSource,
         to_load: list[tuple[str, Any]],
-        config: ModelConfig,
-        settings: dict[str, Any],
+        configs: Mapping[str, ModelConfig],
     ) -> dict[str, _Loaded]:
         """Load ``to_load`` one after the other (all or none: on a failure the ones
         already loaded are dropped, and the error names the version that failed)."""
@@ -405,6 +433,7 @@ class Registry:
         self._publish(entry)
         for version, fingerprint in to_load:
             try:
+                config = configs[version]
                 model = await asyncio.to_thread(
                     ServedModel.load, entry.name, version, source.model_file(version), config
                 )
@@ -412,7 +441,7 @@ class Registry:
                 await asyncio.gather(*(loaded.model.stop() for loaded in fresh.values()))
                 entry.states = {version: (ModelState.UNAVAILABLE, str(exc))}
                 raise self._refuse(entry, f"version {version}: {exc}") from None
-            fresh[version] = _Loaded(model, fingerprint, settings)
+            fresh[version] = _Loaded(model, fingerprint, config.serving_settings())
         return fresh
 
     def _refuse(self, entry: _Entry, problem: str) -> ChangeRefused:

@@ -13,6 +13,8 @@ from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
 from fastserve.registry import Registry
+from fastserve.review.service import Review
+from fastserve.review.store import ReviewStore
 
 log = logging.getLogger("fastserve.server")
 
@@ -30,6 +32,10 @@ class Server:
         self.config = config
         self.registry = Registry(config.repository, retire_timeout_s=config.retire_timeout_s)
         self.state = ServerState(config, self.registry)
+        self.review = Review(
+            ReviewStore(config.state_path, retention_days=config.retention_days),
+            self.registry.metrics,
+        )
         self._runner: web.ServerRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
@@ -52,6 +58,8 @@ class Server:
             ),
             shutdown_timeout=config.drain_timeout_s,
         )
+        await self.review.store.open()  # an unusable state file stops start-up, loudly
+        self.state.review = self.review
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
@@ -119,6 +127,7 @@ class Server:
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self.registry.stop_all()
+        await self.review.close()
         log.info("stopped")
 
     async def serve_forever(self) -> None:

@@ -4,8 +4,12 @@ the admin token that guards it.
     POST /v2/repository/index                 every model version: state, reason, primary
     POST /v2/repository/models/{m}/load       apply the model's folder now (load or reload)
     POST /v2/repository/models/{m}/unload     stop serving it until it is loaded again
-    POST /v2/repository/models/{m}/promote    {"version": "2"}: make it primary (edits config)
+    POST /v2/repository/models/{m}/promote    {"version": "2"}: make it primary (edits config);
+                                              no version: the shadow, if its gate passes
+                                              ({"force": true} overrides, recorded)
     POST /v2/repository/models/{m}/rollback   make the previous primary primary again
+
+Changes of primary take ``actor`` and ``reason`` and are recorded in the review store.
 
 Every route needs ``Authorization: Bearer <token>``. With no token configured they are
 refused: an admin API is never open by default. The token is compared in constant time
@@ -20,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from fastserve.errors import Forbidden, InvalidRequest, Unauthorized
+from fastserve.errors import (
+    ChangeRefused,
+    Forbidden,
+    GateFailed,
+    InvalidRequest,
+    Unauthorized,
+    Unavailable,
+)
 from fastserve.http.body import read_body
 from fastserve.registry import Route
 
@@ -97,13 +108,77 @@ async def model_action(
         await registry.unload(name)
         return _json({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
     previous = registry.get(name).version if registry.versions(name) else None
+    actor, reason, force = _change_fields(doc)
+    review = state.review
+    if action == "promote" and doc.get("version") is None:
+        return await _promote_shadow(state, name, previous, actor, reason, force)
     if action == "promote":
-        version = doc.get("version")
+        version = doc["version"]
         if isinstance(version, int) and not isinstance(version, bool):
             version = str(version)
         if not isinstance(version, str) or not version.isdigit() or len(version) > 18:
-            raise InvalidRequest('promote needs {"version": "<version number>"}')
+            raise InvalidRequest(
+                'promote needs {"version": "<version number>"} (or none: the shadow)'
+            )
         route = await registry.set_primary(name, version)
     else:
         route = await registry.rollback(name)
+    if review is not None:
+        await review.record_change(
+            name,
+            action if action == "rollback" else "set_primary",
+            previous,
+            route.primary.version,
+            forced=False,
+            actor=actor,
+            reason=reason,
+            gate=None,
+        )
     return _json(_route_doc(name, route, previous=previous))
+
+
+def _change_fields(doc: dict[str, Any]) -> tuple[str, str, bool]:
+    """Who asks for a change of primary, why, and whether a failed gate is overridden."""
+    actor = doc.get("actor", "admin")
+    reason = doc.get("reason", "")
+    force = doc.get("force", False)
+    if type(actor) is not str or not 0 < len(actor) <= 100:
+        raise InvalidRequest("'actor' must be a name of 1..100 characters")
+    if type(reason) is not str or len(reason) > 1000:
+        raise InvalidRequest("'reason' must be a string of at most 1000 characters")
+    if type(force) is not bool:
+        raise InvalidRequest("'force' must be true or false")
+    return actor, reason, force
+
+
+async def _promote_shadow(
+    state: ServerState, name: str, previous: str | None, actor: str, reason: str, force: bool
+) -> web.Response:
+    """Check the gate; if it passes (or ``force``), make the shadow primary, and record it."""
+    registry, review = state.registry, state.review
+    route = registry.route(name)
+    if route is None or route.shadow is None:
+        raise ChangeRefused(name, 'no shadow version to promote (give {"version": ...})')
+    if review is None:
+        raise Unavailable("the review store is not open: the gate cannot be checked")
+    conditions = await review.gate(name, route.config, route.primary.version)
+    passed = all(c["passed"] for c in conditions)
+    if not passed and not force:
+        raise GateFailed(name, conditions)
+    target = route.shadow.version
+    new_route = await registry.set_primary(name, target, drop_shadow=True)
+    record = await review.record_change(
+        name,
+        "promote",
+        previous,
+        target,
+        forced=not passed,
+        actor=actor,
+        reason=reason,
+        gate=conditions,
+    )
+    return _json(
+        _route_doc(
+            name, new_route, previous=previous, gate=conditions, forced=not passed, record=record
+        )
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from fastserve import __version__
 from fastserve.config import ServerConfig
 from fastserve.errors import FastServeError, InvalidRequest, ServerStopping
-from fastserve.http import admin
+from fastserve.http import admin, review_routes
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import decode_request, encode_response
@@ -30,6 +31,7 @@ from fastserve.model import PLATFORM, ServedModel
 from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
 from fastserve.registry import Registry
+from fastserve.review.service import Review
 from fastserve.validation import validate_inputs, validate_outputs
 
 log = logging.getLogger("fastserve.http")
@@ -52,6 +54,8 @@ class ServerState:
     """Set once draining and no request is in flight."""
     admin_token: bytes | None = None
     """The admin routes' bearer token (None: admin routes refused)."""
+    review: Review | None = None
+    """Predictions, shadow comparisons, feedback and the review queue (None: not recorded)."""
 
     def __post_init__(self) -> None:
         secret = self.config.admin_token
@@ -85,7 +89,7 @@ Handler = Callable[
 ]
 """(request, state, model name or None, version or None) -> response"""
 
-_MODEL_ACTIONS = ("ready", "config", "stats", "infer")
+_MODEL_ACTIONS = ("ready", "config", "stats", "infer", "feedback", "shadow", "accuracy")
 
 
 def resolve(path: str) -> tuple[str, str | None, str | None] | None:
@@ -146,6 +150,8 @@ class Dispatcher:
             "config": model_config,
             "stats": model_stats,
             "metrics": metrics,
+            "shadow": review_routes.shadow_summary,
+            "accuracy": review_routes.accuracy,
         }
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -158,6 +164,13 @@ class Dispatcher:
             return await infer(request, self.state, model, version)
         if action.startswith("repository_"):
             return await self._admin(request, action, model)
+        if action == "feedback":
+            if request.method != "POST":
+                return http_errors.method_not_allowed(request, "POST")
+            try:
+                return await review_routes.feedback(request, self.state, model, version)
+            except Exception as exc:
+                return http_errors.response_for(exc, request)
         if request.method not in ("GET", "HEAD"):
             return http_errors.method_not_allowed(request, "GET, HEAD")
         try:
@@ -346,14 +359,27 @@ async def _infer(
         OutputTensor(spec.name, spec.datatype, array)
         for spec, array in zip(model.signature.outputs, completion.outputs, strict=True)
     ]
-    response = InferenceResponse(model.name, model.version, outputs, id=inference.id)
+    # every answer carries an id to send feedback with: the client's, or one made here
+    request_id = inference.id or uuid.uuid4().hex
+    response = InferenceResponse(model.name, model.version, outputs, id=request_id)
+    elapsed = time.perf_counter_ns() - started
+    review = state.review
+    if review is not None:
+        route = state.registry.route(model.name)
+        if route is not None:
+            response.parameters = review.observe(
+                route.config,
+                model,
+                route.shadow if route.primary is model else None,
+                request_id,
+                arrays,
+                completion.outputs,
+                elapsed / 1e6,
+            )
     fmt = _response_format(request, content_type)
     payload, response_headers = encode_response(response, inference, fmt)
     model.request_stats.record_success(
-        int(arrays[0].shape[0]),
-        time.perf_counter_ns() - started,
-        completion.queue_ns,
-        completion.compute_ns,
+        int(arrays[0].shape[0]), elapsed, completion.queue_ns, completion.compute_ns
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):

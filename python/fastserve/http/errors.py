@@ -16,7 +16,9 @@ _STATUS: tuple[tuple[type[errors.FastServeError], int], ...] = (
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.ModelNotFound, 404),
+    (errors.RecordNotFound, 404),
     (errors.RequestTimeout, 408),
+    (errors.GateFailed, 409),
     (errors.PayloadTooLarge, 413),
     (errors.UnsupportedMediaType, 415),
     (errors.ModelNotReady, 503),
@@ -37,13 +39,13 @@ def status_of(exc: errors.FastServeError) -> int:
 
 
 def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: object
 ) -> web.Response:
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
     return web.Response(
         status=status,
-        body=orjson.dumps({"error": message}),
+        body=orjson.dumps({"error": message, **extra}),
         content_type="application/json",
         headers=headers,
     )
@@ -57,7 +59,8 @@ def from_exception(exc: errors.FastServeError) -> web.Response:
         headers = {"Retry-After": str(max(1, math.ceil(retry)))}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="fastserve admin"'}
-    response = error_response(status, str(exc), headers)
+    extra = {"conditions": exc.conditions} if isinstance(exc, errors.GateFailed) else {}
+    response = error_response(status, str(exc), headers, **extra)
     if isinstance(exc, errors.RequestTimeout | errors.PayloadTooLarge | errors.ClientDisconnected):
         # the rest of the body is still on the connection (or never comes): do not reuse it
         response.force_close()

@@ -9,13 +9,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fastserve.model import ModelState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 SWAP_RESULTS = ("success", "failure", "unload", "removed")
+SHADOW_RESULTS = ("agree", "disagree", "error")
+# Latency buckets (seconds) for the shadow comparison: 100 µs to 10 s.
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 
 
 class Metrics:
@@ -40,6 +44,57 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+
+        self.shadow_requests = Counter(
+            "fastserve_shadow_requests",
+            "Mirrored requests by result: agree and disagree (top-1 of every row, classifiers; "
+            "regressors count as agree), error (the shadow failed or timed out).",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.shadow_dropped_total = Counter(
+            "fastserve_shadow_dropped",
+            "Requests not mirrored because the shadow's pending bound was reached.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.shadow_latency = Histogram(
+            "fastserve_shadow_latency_seconds",
+            "Latency of mirrored requests, by side (primary: the request's server time; "
+            "shadow: the mirrored call).",
+            ["model", "side"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.review_items = Counter(
+            "fastserve_review_items",
+            "Predictions queued for human review, by reason (low_confidence, disagreement).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.feedback_total = Counter(
+            "fastserve_feedback",
+            "Ground-truth labels recorded, by outcome (recorded: new, updated: changed).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+
+    def shadow_compared(
+        self, model: str, result: str, primary_ms: float, shadow_ms: float | None
+    ) -> None:
+        self.shadow_requests.labels(model, result).inc()
+        self.shadow_latency.labels(model, "primary").observe(primary_ms / 1000.0)
+        if shadow_ms is not None:
+            self.shadow_latency.labels(model, "shadow").observe(shadow_ms / 1000.0)
+
+    def shadow_dropped(self, model: str) -> None:
+        self.shadow_dropped_total.labels(model).inc()
+
+    def review_queued(self, model: str, reason: str) -> None:
+        self.review_items.labels(model, reason).inc()
+
+    def feedback(self, model: str, outcome: str) -> None:
+        self.feedback_total.labels(model, outcome).inc()
 
     def swap(self, model: str, result: str) -> None:
         self.swaps.labels(model, result).inc()

@@ -1,0 +1,605 @@
+"""Shadow mirroring, the review queue, feedback and accuracy: what happens to an answer
+after the client has it.
+
+The infer route calls ``Review.observe`` once the primary has answered. It costs the
+request little (reading the prediction, an optional confidence, one buffered record) and
+never waits: mirroring to the shadow runs as its own task, bounded by the shadow's
+``max_pending``, and its outcome is recorded when it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fastserve.config import ModelConfig
+from fastserve.errors import FastServeError, InvalidRequest, RecordNotFound, Unavailable
+from fastserve.review.outcome import (
+    NotInterpretable,
+    Prediction,
+    Reading,
+    agreement_interval,
+    compare,
+)
+from fastserve.review.store import ReviewStore, UnknownRequest
+
+if TYPE_CHECKING:
+    from fastserve.model import ServedModel
+    from fastserve.monitoring.metrics import Metrics
+
+log = logging.getLogger("fastserve.review")
+
+LOW_CONFIDENCE = "low_confidence"
+DISAGREEMENT = "disagreement"
+
+
+class FeedbackRefused(InvalidRequest):
+    """A feedback body that cannot be recorded (bad label, unknown request id)."""
+
+
+@dataclass
+class _Mirror:
+    """Counters of one model's shadow traffic (the comparisons themselves are in the store)."""
+
+    pending: int = 0
+    dropped: int = 0
+    errors: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def tensor_doc(array: npt.NDArray[Any]) -> dict[str, Any]:
+    return {"datatype": str(array.dtype), "shape": list(array.shape), "data": array.tolist()}
+
+
+class Review:
+    """Per-server: the store, and per model the shadow mirror's counters."""
+
+    def __init__(self, store: ReviewStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._mirrors: dict[str, _Mirror] = {}
+        self._readings: dict[int, Reading | None] = {}  # by id(ServedModel)
+        self._random = random.Random()
+
+    async def close(self) -> None:
+        """Let running mirrors finish (they are bounded by their timeout), then close."""
+        tasks = [t for m in self._mirrors.values() for t in m.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await self.store.close()
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def reading(self, model: ServedModel) -> Reading | None:
+        """How to read ``model``'s outputs (None: it is neither classifier nor regressor)."""
+        key = id(model)
+        if key not in self._readings:
+            try:
+                self._readings[key] = Reading.of(model.signature, model.config.task)
+            except NotInterpretable as exc:
+                log.warning("model %s: predictions are not recorded: %s", model.label, exc)
+                self._readings[key] = None
+        return self._readings[key]
+
+    def forget(self, model: ServedModel) -> None:
+        self._readings.pop(id(model), None)
+
+    def observe(
+        self,
+        config: ModelConfig,
+        model: ServedModel,
+        shadow: ServedModel | None,
+        request_id: str,
+        arrays: list[npt.NDArray[Any]],
+        outputs: list[npt.NDArray[Any]],
+        latency_ms: float,
+    ) -> dict[str, Any]:
+        """Record the primary's answer, flag it for review, maybe mirror it; returns the
+        response parameters to add (the review flag)."""
+        reading = self.reading(model)
+        if reading is None:
+            return {}
+        prediction = reading.predict(outputs)
+        review = config.review
+        confidence = prediction.confidence(review.confidence_measure)
+        self.store.note_prediction(
+            model.name,
+            request_id,
+            "primary",
+            model.version,
+            prediction.as_list(),
+            confidence,
+            latency_ms,
+        )
+        parameters: dict[str, Any] = {}
+        threshold = review.confidence_threshold
+        if threshold is not None and confidence is not None and confidence < threshold:
+            parameters["review"] = LOW_CONFIDENCE
+            parameters["confidence"] = round(confidence, 6)
+            self._queue_item(
+                model.name,
+                request_id,
+                LOW_CONFIDENCE,
+                model.version,
+                None,
+                arrays,
+                model,
+                outputs,
+                None,
+                confidence,
+            )
+        settings = config.shadow
+        if (
+            shadow is not None
+            and settings is not None
+            and (settings.sample_rate >= 1.0 or self._random.random() < settings.sample_rate)
+        ):
+            self._start_mirror(
+                config, model, shadow, request_id, arrays, outputs, prediction, latency_ms
+            )
+        return parameters
+
+    def _start_mirror(
+        self,
+        config: ModelConfig,
+        model: ServedModel,
+        shadow: ServedModel,
+        request_id: str,
+        arrays: list[npt.NDArray[Any]],
+        outputs: list[npt.NDArray[Any]],
+        prediction: Prediction,
+        latency_ms: float,
+    ) -> None:
+        assert config.shadow is not None
+        mirror = self._mirrors.setdefault(model.name, _Mirror())
+        if mirror.pending >= config.shadow.max_pending:
+            mirror.dropped += 1
+            self.metrics.shadow_dropped(model.name)
+            return
+        mirror.pending += 1
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(
+                mirror, config, model, shadow, request_id, arrays, outputs, prediction, latency_ms
+            )
+        )
+        mirror.tasks.add(task)
+        task.add_done_callback(mirror.tasks.discard)
+
+    async def _mirror(
+        self,
+        mirror: _Mirror,
+        config: ModelConfig,
+        model: ServedModel,
+        shadow: ServedModel,
+        request_id: str,
+        arrays: list[npt.NDArray[Any]],
+        outputs: list[npt.NDArray[Any]],
+        prediction: Prediction,
+        primary_ms: float,
+    ) -> None:
+        assert config.shadow is not None
+        name = model.name
+        shadow.inflight += 1  # keeps the shadow from being unloaded under this request
+        started = time.perf_counter_ns()
+        shadow_ms: float | None = None
+        error: str | None = None
+        shadow_outputs: list[npt.NDArray[Any]] = []
+        try:
+            completion = await asyncio.wait_for(
+                shadow.batcher.infer(arrays), config.shadow.timeout_ms / 1000.0
+            )
+            shadow_outputs = completion.outputs
+            shadow_ms = (time.perf_counter_ns() - started) / 1e6
+        except TimeoutError:
+            error = f"no answer within {config.shadow.timeout_ms} ms"
+        except FastServeError as exc:
+            error = str(exc)
+        except Exception as exc:  # a shadow must never hurt the primary's path
+            error = f"{exc.__class__.__name__}: {exc}"
+        finally:
+            shadow.inflight -= 1
+            mirror.pending -= 1
+        shadow_reading = self.reading(shadow)
+        if error is None and shadow_reading is None:
+            error = "the shadow's outputs cannot be read as a prediction"
+        if error is not None:
+            mirror.errors += 1
+            self.metrics.shadow_compared(name, "error", primary_ms, None)
+            self.store.note(
+                "comparisons",
+                (name, request_id, model.version, shadow.version, None, None, None, None,
+                 primary_ms, None, error[:500], time.time()),
+            )  # fmt: skip
+            return
+        assert shadow_reading is not None and shadow_ms is not None
+        shadow_prediction = shadow_reading.predict(shadow_outputs)
+        result = compare(prediction, shadow_prediction)
+        verdict = "agree" if result.agree is not False else "disagree"
+        self.metrics.shadow_compared(name, verdict, primary_ms, shadow_ms)
+        self.store.note(
+            "comparisons",
+            (name, request_id, model.version, shadow.version,
+             None if result.agree is None else int(result.agree), result.probability_gap,
+             result.abs_diff, result.rel_diff, primary_ms, shadow_ms, None, time.time()),
+        )  # fmt: skip
+        self.store.note_prediction(
+            name,
+            request_id,
+            "shadow",
+            shadow.version,
+            shadow_prediction.as_list(),
+            shadow_prediction.confidence(config.review.confidence_measure),
+            shadow_ms,
+        )
+        sample = config.review.disagreement_sample_rate
+        if result.agree is False and (sample >= 1.0 or self._random.random() < sample):
+            self._queue_item(
+                name,
+                request_id,
+                DISAGREEMENT,
+                model.version,
+                shadow.version,
+                arrays,
+                model,
+                outputs,
+                shadow_outputs,
+                prediction.confidence(config.review.confidence_measure),
+            )
+
+    def _queue_item(
+        self,
+        name: str,
+        request_id: str,
+        reason: str,
+        version: str,
+        shadow_version: str | None,
+        arrays: list[npt.NDArray[Any]],
+        model: ServedModel,
+        outputs: list[npt.NDArray[Any]],
+        shadow_outputs: list[npt.NDArray[Any]] | None,
+        confidence: float | None,
+    ) -> None:
+        signature = model.signature
+
+        def tensors(specs: Any, values: list[npt.NDArray[Any]]) -> str:
+            return json.dumps(
+                {s.name: tensor_doc(np.asarray(v)) for s, v in zip(specs, values, strict=True)}
+            )
+
+        self.store.note(
+            "review_items",
+            (
+                name,
+                request_id,
+                reason,
+                version,
+                shadow_version,
+                tensors(signature.inputs, arrays),
+                tensors(signature.outputs, outputs),
+                None if shadow_outputs is None else tensors(signature.outputs, shadow_outputs),
+                confidence,
+                time.time(),
+            ),
+        )
+        self.metrics.review_queued(name, reason)
+
+    # -- feedback and accuracy -----------------------------------------------------------
+
+    async def feedback(
+        self, model: ServedModel, request_id: Any, label: Any, source: str = "client"
+    ) -> dict[str, Any]:
+        """Record ``label`` (a class index or value, or one per row) for a request id."""
+        if type(request_id) is not str or not 0 < len(request_id) <= 256:
+            raise FeedbackRefused("'id' must be the request id, a string of 1..256 characters")
+        reading = self.reading(model)
+        if reading is None:
+            raise FeedbackRefused(f"model '{model.name}' records no predictions to label")
+        labels = label if isinstance(label, list) else [label]
+        if not labels or not all(_is_label(v, reading.task) for v in labels):
+            kind = "class indexes (integers)" if reading.task == "classifier" else "numbers"
+            raise FeedbackRefused(f"'label' must be one of {kind}, or a list of them per row")
+        try:
+            result = await self.store.add_feedback(model.name, request_id, labels, source)
+        except UnknownRequest:
+            raise RecordNotFound(
+                f"no prediction of model '{model.name}' has id '{request_id[:80]}' "
+                "(or it is past retention)"
+            ) from None
+        except sqlite3.Error as exc:
+            log.error("review store: feedback not recorded: %s", exc)
+            raise Unavailable("feedback not recorded: the review store failed") from None
+        if result.outcome != "unchanged":
+            self.metrics.feedback(model.name, result.outcome)
+        return {"id": request_id, "model_name": model.name, "recorded": result.outcome}
+
+    async def accuracy(self, name: str) -> dict[str, dict[str, Any]]:
+        """Per (role, version): labelled requests and accuracy (classifiers: share of rows
+        right; regressors: mean absolute error)."""
+        rows = await self.store.query(
+            "SELECT p.role, p.version, p.prediction, f.label FROM predictions p "
+            "JOIN feedback f ON f.model = p.model AND f.request_id = p.request_id "
+            "WHERE p.model = ?",
+            (name,),
+        )
+        return summarize_accuracy(rows)
+
+    async def shadow_summary(self, name: str, config: ModelConfig, primary: str) -> dict[str, Any]:
+        shadow = config.shadow
+        mirror = self._mirrors.get(name, _Mirror())
+        doc: dict[str, Any] = {
+            "model_name": name,
+            "primary_version": primary,
+            "shadow_version": None if shadow is None else str(shadow.version),
+            "pending": mirror.pending,
+            "dropped": mirror.dropped,
+        }
+        if shadow is None:
+            return doc
+        pair = (name, primary, str(shadow.version))
+        rows = await self.store.query(
+            "SELECT agree, probability_gap, abs_diff, rel_diff, primary_ms, shadow_ms, "
+            "shadow_error FROM comparisons WHERE model = ? AND primary_version = ? "
+            "AND shadow_version = ?",
+            pair,
+        )
+        doc.update(summarize_comparisons(rows))
+        labelled = await self.store.query(
+            "SELECT p.role, p.version, p.prediction, f.label FROM comparisons c "
+            "JOIN predictions p ON p.model = c.model AND p.request_id = c.request_id "
+            "JOIN feedback f ON f.model = c.model AND f.request_id = c.request_id "
+            "WHERE c.model = ? AND c.primary_version = ? AND c.shadow_version = ? "
+            "AND c.shadow_error IS NULL",
+            pair,
+        )
+        doc["accuracy_on_compared"] = summarize_accuracy(labelled)
+        return doc
+
+    # -- promotion ------------------------------------------------------------------------
+
+    async def gate(self, name: str, config: ModelConfig, primary: str) -> list[dict[str, Any]]:
+        """Each condition of the model's promotion gate: what it requires, what the shadow
+        shows, and whether it passes."""
+        gate = config.promotion
+        summary = await self.shadow_summary(name, config, primary)
+        conditions: list[dict[str, Any]] = []
+
+        def add(condition: str, required: str, actual: Any, passed: bool) -> None:
+            conditions.append(
+                {"name": condition, "required": required, "actual": actual, "passed": passed}
+            )
+
+        compared = summary.get("compared", 0)
+        add("compared", f">= {gate.min_compared}", compared, compared >= gate.min_compared)
+        agreement = summary.get("agreement")
+        if agreement is not None:
+            add("agreement", f">= {gate.min_agreement}", agreement, agreement >= gate.min_agreement)
+        roles = {e["role"]: e for e in summary.get("accuracy_on_compared", {}).values()}
+        labelled = min((e["labelled"] for e in roles.values()), default=0)
+        if len(roles) < 2:
+            labelled = 0
+        add("labelled", f">= {gate.min_labelled}", labelled, labelled >= gate.min_labelled)
+        if labelled:
+            ours, theirs = roles["shadow"]["value"], roles["primary"]["value"]
+            if roles["shadow"]["metric"] == "accuracy":
+                required = f">= primary {theirs:.4f} - {gate.max_accuracy_drop}"
+                passed = ours >= theirs - gate.max_accuracy_drop
+            else:  # mean absolute error: lower is better
+                required = f"<= primary {theirs:.4f} x (1 + {gate.max_accuracy_drop})"
+                passed = ours <= theirs * (1 + gate.max_accuracy_drop)
+            add(roles["shadow"]["metric"], required, ours, passed)
+        latency = summary.get("latency", {})
+        ours = latency.get("shadow", {}).get("p99_ms")
+        theirs = latency.get("primary", {}).get("p99_ms")
+        if ours is None or theirs is None:
+            add("p99_latency", "measured on compared requests", None, False)
+        else:
+            limit = theirs * (1 + gate.max_p99_regression)
+            add("p99_latency_ms", f"<= {limit:.4f} (primary {theirs} x (1 + "
+                f"{gate.max_p99_regression}))", ours, ours <= limit)  # fmt: skip
+        return conditions
+
+    async def record_change(
+        self,
+        name: str,
+        action: str,
+        from_version: str | None,
+        to_version: str,
+        *,
+        forced: bool,
+        actor: str,
+        reason: str,
+        gate: list[dict[str, Any]] | None,
+    ) -> int:
+        """Record a promotion or rollback (committed before this returns); its id."""
+
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO promotions (model, action, from_version, to_version, forced, "
+                "actor, reason, gate, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, action, from_version, to_version, int(forced), actor, reason,
+                 None if gate is None else json.dumps(gate), time.time()),
+            )  # fmt: skip
+            return int(cursor.lastrowid or 0)
+
+        return await self.store.run(insert)
+
+    async def changes(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self.store.query(
+            "SELECT id, action, from_version, to_version, forced, actor, reason, gate, created "
+            "FROM promotions WHERE model = ? ORDER BY id DESC LIMIT ?",
+            (name, limit),
+        )
+        keys = ("id", "action", "from_version", "to_version", "forced", "actor", "reason")
+        return [
+            {
+                **dict(zip(keys, row[:7], strict=True)),
+                "forced": bool(row[4]),
+                "gate": None if row[7] is None else json.loads(row[7]),
+                "created": row[8],
+            }
+            for row in rows
+        ]
+
+    # -- the review queue ---------------------------------------------------------------
+
+    async def items(
+        self, model: str | None, status: str, limit: int, after: int = 0
+    ) -> list[dict[str, Any]]:
+        """Queue items (oldest first), without their tensors."""
+        if status not in ("pending", "labelled", "all"):
+            raise InvalidRequest("'status' must be pending, labelled or all")
+        clauses: list[str] = ["id > ?"]
+        params: list[Any] = [after]
+        if status != "all":
+            clauses.append("status = ?")
+            params.append(status)
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        rows = await self.store.query(
+            f"SELECT {_ITEM_SUMMARY} FROM review_items WHERE {' AND '.join(clauses)} "
+            "ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [_item_doc(row) for row in rows]
+
+    async def item(self, item_id: int) -> dict[str, Any]:
+        rows = await self.store.query(
+            f"SELECT {_ITEM_SUMMARY}, inputs, primary_answer, shadow_answer "
+            "FROM review_items WHERE id = ?",
+            (item_id,),
+        )
+        if not rows:
+            raise RecordNotFound(f"no review item {item_id}")
+        *summary, inputs, primary_answer, shadow_answer = rows[0]
+        doc = _item_doc(tuple(summary))
+        doc["inputs"] = json.loads(inputs)
+        doc["primary_answer"] = json.loads(primary_answer)
+        doc["shadow_answer"] = None if shadow_answer is None else json.loads(shadow_answer)
+        return doc
+
+    async def label_item(
+        self, item_id: int, label: Any, reviewer: Any, reading: Reading | None
+    ) -> dict[str, Any]:
+        """Label a queue item; the label is feedback for its request too (one transaction)."""
+        if type(reviewer) is not str or not 0 < len(reviewer) <= 100:
+            raise InvalidRequest("'reviewer' must be a name of 1..100 characters")
+        labels = label if isinstance(label, list) else [label]
+        task = None if reading is None else reading.task
+        if not labels or not all(_is_label(v, task) for v in labels):
+            raise InvalidRequest("'label' must be a class index or a value (or one per row)")
+        text = json.dumps(labels)
+
+        def apply(db: sqlite3.Connection) -> str:
+            row = db.execute(
+                "SELECT model, request_id FROM review_items WHERE id = ?", (item_id,)
+            ).fetchone()
+            if row is None:
+                raise RecordNotFound(f"no review item {item_id}")
+            now = time.time()
+            db.execute(
+                "UPDATE review_items SET status = 'labelled', label = ?, reviewer = ?, "
+                "labelled = ? WHERE id = ?",
+                (text, reviewer, now, item_id),
+            )
+            db.execute(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, request_id) "
+                "DO UPDATE SET label = excluded.label, source = excluded.source, "
+                "created = excluded.created",
+                (row[0], row[1], text, f"reviewer:{reviewer}", now),
+            )
+            return str(row[0])
+
+        model = await self.store.run(apply)
+        self.metrics.feedback(model, "reviewed")
+        return await self.item(item_id)
+
+
+_ITEM_SUMMARY = (
+    "id, model, request_id, reason, version, shadow_version, confidence, status, label, "
+    "reviewer, created, labelled"
+)
+
+
+def _item_doc(row: tuple[Any, ...]) -> dict[str, Any]:
+    keys = [k.strip() for k in _ITEM_SUMMARY.split(",")]
+    doc = dict(zip(keys, row, strict=True))
+    if doc["label"] is not None:
+        doc["label"] = json.loads(doc["label"])
+    return doc
+
+
+def _is_label(value: Any, task: str | None) -> bool:
+    """A class index for a classifier, a finite number for a regressor (either: unknown)."""
+    if type(value) is int:
+        return value >= 0 or task == "regressor"
+    return task != "classifier" and type(value) is float and math.isfinite(value)
+
+
+def summarize_accuracy(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
+    tally: dict[str, dict[str, Any]] = {}
+    for role, version, prediction_text, label_text in rows:
+        prediction, label = json.loads(prediction_text), json.loads(label_text)
+        if len(prediction) != len(label):
+            continue  # a label per row was asked for
+        entry = tally.setdefault(
+            f"{role}:{version}",
+            {"role": role, "version": version, "labelled": 0, "rows": 0, "_sum": 0.0},
+        )
+        entry["labelled"] += 1
+        entry["rows"] += len(label)
+        if all(type(v) is int for v in prediction):
+            entry["_sum"] += sum(int(p == y) for p, y in zip(prediction, label, strict=True))
+            entry["metric"] = "accuracy"
+        else:
+            entry["_sum"] += sum(abs(p - y) for p, y in zip(prediction, label, strict=True))
+            entry["metric"] = "mean_absolute_error"
+    for entry in tally.values():
+        total = entry.pop("_sum")
+        entry["value"] = total / entry["rows"] if entry["rows"] else None
+    return tally
+
+
+def summarize_comparisons(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    compared = [r for r in rows if r[6] is None]
+    errors = len(rows) - len(compared)
+    agreed = sum(1 for r in compared if r[0] == 1)
+    judged = [r for r in compared if r[0] is not None]
+    low, high = agreement_interval(agreed, len(judged))
+    primary_ms = np.array([r[4] for r in compared], dtype=np.float64)
+    shadow_ms = np.array([r[5] for r in compared], dtype=np.float64)
+
+    def latency(values: npt.NDArray[np.float64]) -> dict[str, float | None]:
+        if not len(values):
+            return {"p50_ms": None, "p99_ms": None}
+        return {
+            "p50_ms": round(float(np.percentile(values, 50)), 4),
+            "p99_ms": round(float(np.percentile(values, 99)), 4),
+        }
+
+    doc: dict[str, Any] = {
+        "compared": len(compared),
+        "shadow_errors": errors,
+        "agreement": agreed / len(judged) if judged else None,
+        "agreement_ci95": [low, high] if judged else None,
+        "disagreements": len(judged) - agreed,
+        "latency": {"primary": latency(primary_ms), "shadow": latency(shadow_ms)},
+    }
+    diffs = [r[2] for r in compared if r[2] is not None]
+    if diffs:
+        doc["abs_diff"] = {"mean": float(np.mean(diffs)), "max": float(np.max(diffs))}
+        doc["rel_diff"] = {"mean": float(np.mean([r[3] for r in compared if r[3] is not None]))}
+    gaps = [r[1] for r in compared if r[1] is not None]
+    if gaps:
+        doc["probability_gap"] = {"mean": float(np.mean(gaps)), "max": float(np.max(gaps))}
+    return doc

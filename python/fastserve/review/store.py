@@ -1,0 +1,353 @@
+"""Durable records of what the models said and what people said back, in SQLite (WAL).
+
+One connection, owned by one writer thread, does every read and write: SQLite serializes
+writers anyway, and one thread keeps the event loop free of disk waits and of locking.
+
+Two kinds of write:
+
+* **Acknowledged** (feedback, reviewer labels, promotion records): the caller awaits the
+  commit, made with ``synchronous=FULL``, before it answers its client. Such a record
+  survives kill -9 of the server (and a power cut, as far as the disk keeps its promises).
+* **Observed** (predictions, shadow comparisons, review items): noted without waiting and
+  written in one transaction per flush, every ``flush_interval_s``. A crash loses at most
+  the last interval of them; nobody was told they were stored. The buffer is bounded: past
+  ``max_buffered`` records, new ones are dropped and counted.
+
+Idempotency: a prediction, a comparison and a feedback are each keyed by (model, request
+id); a review item by (model, request id, reason). Writing the same one again changes
+nothing, so a retried feedback never counts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("fastserve.review")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    role TEXT NOT NULL,                -- 'primary' or 'shadow'
+    version TEXT NOT NULL,
+    prediction TEXT NOT NULL,          -- JSON: a class index or a value per row
+    confidence REAL,                   -- the request's lowest, classifiers only
+    latency_ms REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (model, request_id, role)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
+
+CREATE TABLE IF NOT EXISTS comparisons (
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    primary_version TEXT NOT NULL,
+    shadow_version TEXT NOT NULL,
+    agree INTEGER,                     -- classifiers: top-1 of every row the same
+    probability_gap REAL,              -- classifiers: largest |p_primary - p_shadow|
+    abs_diff REAL,                     -- regressors: largest |primary - shadow|
+    rel_diff REAL,                     -- regressors: abs_diff / max(|primary|, eps)
+    primary_ms REAL NOT NULL,
+    shadow_ms REAL,
+    shadow_error TEXT,                 -- the shadow failed or timed out: why
+    created REAL NOT NULL,
+    PRIMARY KEY (model, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS comparisons_pair ON comparisons (model, primary_version, shadow_version);
+CREATE INDEX IF NOT EXISTS comparisons_created ON comparisons (created);
+
+CREATE TABLE IF NOT EXISTS feedback (
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    label TEXT NOT NULL,               -- JSON: a class index or a value per row
+    source TEXT NOT NULL,              -- 'client' or 'reviewer:<name>'
+    created REAL NOT NULL,
+    PRIMARY KEY (model, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created);
+
+CREATE TABLE IF NOT EXISTS review_items (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    reason TEXT NOT NULL,              -- 'low_confidence' or 'disagreement'
+    version TEXT NOT NULL,
+    shadow_version TEXT,
+    inputs TEXT NOT NULL,              -- JSON: name -> {datatype, shape, data}
+    primary_answer TEXT NOT NULL,      -- JSON: name -> {datatype, shape, data}
+    shadow_answer TEXT,
+    confidence REAL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    label TEXT,
+    reviewer TEXT,
+    created REAL NOT NULL,
+    labelled REAL,
+    UNIQUE (model, request_id, reason)
+);
+CREATE INDEX IF NOT EXISTS review_items_queue ON review_items (status, model, id);
+CREATE INDEX IF NOT EXISTS review_items_created ON review_items (created);
+
+CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    action TEXT NOT NULL,              -- 'promote' or 'rollback'
+    from_version TEXT,
+    to_version TEXT NOT NULL,
+    forced INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    gate TEXT,                         -- JSON: each condition, its value and whether it passed
+    created REAL NOT NULL
+);
+"""
+
+# Observed records are (table, row) pairs, written with INSERT OR IGNORE.
+_INSERTS = {
+    "predictions": "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    "comparisons": "INSERT OR IGNORE INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "review_items": (
+        "INSERT OR IGNORE INTO review_items (model, request_id, reason, version, "
+        "shadow_version, inputs, primary_answer, shadow_answer, confidence, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+}
+
+# Retention applies to everything but the promotion records, which are history.
+_RETAINED = ("predictions", "comparisons", "feedback", "review_items")
+
+
+class UnknownRequest(LookupError):
+    """Feedback for a request id with no recorded prediction."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackResult:
+    outcome: str  # 'recorded', 'unchanged' (the same label again) or 'updated'
+    version: str
+
+
+class ReviewStore:
+    """The SQLite file at ``path`` and the one thread that uses it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float = 7.0,
+        flush_interval_s: float = 0.1,
+        max_buffered: int = 100_000,
+    ) -> None:
+        self.path = path
+        self.retention_s = retention_days * 86400.0
+        self.flush_interval_s = flush_interval_s
+        self.max_buffered = max_buffered
+        self.dropped = 0
+        """Observed records dropped because the buffer was full."""
+        self._buffer: list[tuple[str, tuple[Any, ...]]] = []
+        self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-store")
+        self._db: sqlite3.Connection | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or open the database (raises OSError / sqlite3.Error) and start flushing."""
+        await self._call(self._open)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        log.info("review store: %s (retention %.1f days)", self.path, self.retention_s / 86400)
+
+    async def close(self) -> None:
+        """Write what is buffered and close the database."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        if self._db is not None:
+            await self._call(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version not in (0, SCHEMA_VERSION):
+            db.close()
+            raise sqlite3.DatabaseError(
+                f"{self.path}: schema version {version}, this fastserve knows {SCHEMA_VERSION}"
+            )
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = db
+
+    def _close(self) -> None:
+        self._flush()
+        assert self._db is not None
+        self._db.close()
+        self._db = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- observed records (buffered) --------------------------------------------------------
+
+    def note(self, table: str, row: tuple[Any, ...]) -> None:
+        """Queue one observed record for the next flush (never blocks)."""
+        with self._buffer_lock:
+            if len(self._buffer) >= self.max_buffered:
+                self.dropped += 1
+                return
+            self._buffer.append((table, row))
+
+    def note_prediction(
+        self,
+        model: str,
+        request_id: str,
+        role: str,
+        version: str,
+        prediction: Sequence[float | int],
+        confidence: float | None,
+        latency_ms: float,
+    ) -> None:
+        self.note(
+            "predictions",
+            (
+                model,
+                request_id,
+                role,
+                version,
+                json.dumps(list(prediction)),
+                confidence,
+                latency_ms,
+                time.time(),
+            ),
+        )
+
+    async def flush(self) -> None:
+        await self._call(self._flush)
+
+    def _flush(self) -> None:
+        with self._buffer_lock:
+            items, self._buffer = self._buffer, []
+        if not items or self._db is None:
+            return
+        db = self._db
+        with _transaction(db):
+            for table, row in items:
+                db.execute(_INSERTS[table], row)
+
+    async def _flush_periodically(self) -> None:
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self._call(self._flush)
+                if time.monotonic() - last_prune > 60.0:
+                    last_prune = time.monotonic()
+                    await self._call(self._prune, time.time() - self.retention_s)
+            except sqlite3.Error as exc:  # a full disk must not stop serving
+                log.error("review store: write failed: %s", exc)
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def prune(self, older_than: float) -> int:
+        """Delete retained records created before ``older_than`` (epoch seconds)."""
+        return await self._call(self._prune, older_than)
+
+    def _prune(self, older_than: float) -> int:
+        assert self._db is not None
+        removed = 0
+        with _transaction(self._db):
+            for table in _RETAINED:
+                cursor = self._db.execute(f"DELETE FROM {table} WHERE created < ?", (older_than,))
+                removed += cursor.rowcount
+        return removed
+
+    # -- acknowledged records ---------------------------------------------------------------
+
+    async def add_feedback(
+        self, model: str, request_id: str, label: list[float | int], source: str
+    ) -> FeedbackResult:
+        """Record ground truth for a request (committed before this returns). Raises
+        UnknownRequest when no prediction of ``model`` has that id."""
+        return await self._call(self._add_feedback, model, request_id, label, source)
+
+    def _add_feedback(
+        self, model: str, request_id: str, label: list[float | int], source: str
+    ) -> FeedbackResult:
+        self._flush()  # the prediction may still be in the buffer
+        db = self._db
+        assert db is not None
+        text = json.dumps(label)
+        with _transaction(db):
+            found = db.execute(
+                "SELECT version FROM predictions WHERE model = ? AND request_id = ? "
+                "AND role = 'primary'",
+                (model, request_id),
+            ).fetchone()
+            if found is None:
+                raise UnknownRequest(request_id)
+            old = db.execute(
+                "SELECT label FROM feedback WHERE model = ? AND request_id = ?",
+                (model, request_id),
+            ).fetchone()
+            if old is not None and old[0] == text:
+                return FeedbackResult("unchanged", found[0])
+            db.execute(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, request_id) "
+                "DO UPDATE SET label = excluded.label, source = excluded.source, "
+                "created = excluded.created",
+                (model, request_id, text, source, time.time()),
+            )
+        return FeedbackResult("recorded" if old is None else "updated", found[0])
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read (after a flush, so that what was noted is seen)."""
+        return await self._call(self._query, sql, tuple(params))
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        self._flush()
+        assert self._db is not None
+        return self._db.execute(sql, params).fetchall()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in one transaction on the store's thread (after a flush);
+        committed before this returns."""
+        return await self._call(self._run, fn)
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._flush()
+        assert self._db is not None
+        with _transaction(self._db):
+            return fn(self._db)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception (on an autocommit connection)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -1,0 +1,152 @@
+"""The review store on its own (real SQLite files), and its durability under kill -9 of a
+real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import ServerProcess
+from fastserve.demo import example_rows
+from fastserve.review.store import ReviewStore, UnknownRequest
+
+MODEL = "breast_cancer"
+
+
+async def test_observed_records_are_written_once_and_feedback_is_idempotent(
+    tmp_path: Path,
+) -> None:
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
+    await store.open()
+    try:
+        for _ in range(3):  # the same request noted again (a retry) stays one record
+            store.note_prediction("m", "a", "primary", "1", [1], 0.7, 1.5)
+        with pytest.raises(UnknownRequest):
+            await store.add_feedback("m", "b", [1], "client")
+        first = await store.add_feedback("m", "a", [1], "client")  # flushes "a" first
+        again = await store.add_feedback("m", "a", [1], "client")
+        changed = await store.add_feedback("m", "a", [0], "reviewer:ann")
+        assert (first.outcome, again.outcome, changed.outcome) == (
+            "recorded",
+            "unchanged",
+            "updated",
+        )
+        assert first.version == "1"
+        assert await store.query("SELECT count(*) FROM predictions") == [(1,)]
+        assert await store.query("SELECT label, source FROM feedback") == [("[0]", "reviewer:ann")]
+    finally:
+        await store.close()
+
+
+async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        store.note_prediction("m", "old", "primary", "1", [1], None, 1.0)
+        await store.flush()
+
+        def backdate_and_record(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE predictions SET created = created - 30 * 86400")
+            db.execute(
+                "INSERT INTO promotions (model, action, to_version, forced, actor, reason, "
+                "created) VALUES ('m', 'promote', '2', 0, 'ann', 'test', 0)"
+            )
+
+        await store.run(backdate_and_record)
+        store.note_prediction("m", "new", "primary", "1", [0], None, 1.0)
+        removed = await store.prune(time.time() - 7 * 86400)
+        assert removed == 1
+        assert await store.query("SELECT request_id FROM predictions") == [("new",)]
+        assert await store.query("SELECT count(*) FROM promotions") == [(1,)]
+    finally:
+        await store.close()
+
+
+async def test_a_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=5)
+    await store.open()
+    try:
+        for i in range(8):
+            store.note_prediction("m", f"r{i}", "primary", "1", [1], None, 1.0)
+        assert store.dropped == 3
+        await store.flush()
+        assert await store.query("SELECT count(*) FROM predictions") == [(5,)]
+    finally:
+        await store.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    store = ReviewStore(path)
+    with pytest.raises(sqlite3.DatabaseError, match="schema version 99"):
+        await store.open()
+    await store.close()
+
+
+# -- kill -9 -----------------------------------------------------------------------------------
+
+
+async def _round(url: str, tag: str, rows: Any, proc: ServerProcess) -> set[str]:
+    """Predict, then send feedback (each id twice, as a retrying client would) while the
+    server is killed at a random moment; return the ids whose feedback was acknowledged."""
+    acked: set[str] = set()
+    async with aiohttp.ClientSession(url) as s:
+        for i, row in enumerate(rows):
+            doc = {
+                "id": f"{tag}-{i}",
+                "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
+                            "data": row.tolist()}],
+            }  # fmt: skip
+            async with s.post(f"/v2/models/{MODEL}/infer", json=doc) as resp:
+                assert resp.status == 200
+
+        async def send(i: int) -> None:
+            for _ in range(2):
+                try:
+                    async with s.post(
+                        f"/v2/models/{MODEL}/feedback", json={"id": f"{tag}-{i}", "label": i % 2}
+                    ) as resp:
+                        if resp.status == 200:
+                            acked.add(f"{tag}-{i}")
+                except aiohttp.ClientError:
+                    return  # the server is gone
+
+        async def kill_soon() -> None:
+            await asyncio.sleep(random.uniform(0.02, 0.15))
+            proc.proc.kill()
+
+        await asyncio.gather(kill_soon(), *(send(i) for i in range(len(rows))))
+    proc.proc.wait(10)
+    return acked
+
+
+async def test_kill_9_during_feedback_writes_loses_no_acknowledged_record(repo: Path) -> None:
+    state = repo.parent / "state.db"
+    rows = example_rows(MODEL, 80)
+    acked: set[str] = set()
+    for round_ in range(3):
+        proc = ServerProcess(repo, "--state-db", str(state), "--watch", "off")
+        try:
+            await asyncio.to_thread(proc.wait_ready)
+            acked |= await _round(f"http://{proc.url}", f"k{round_}", rows, proc)
+        finally:
+            proc.stop()
+        assert proc.proc.returncode == -9
+    assert acked  # some writes were acknowledged before each kill
+    with sqlite3.connect(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = db.execute("SELECT request_id, label FROM feedback").fetchall()
+    ids = [rid for rid, _ in stored]
+    assert len(ids) == len(set(ids))  # no feedback counted twice
+    assert acked <= set(ids)  # every acknowledged one is there
+    for rid, label in stored:
+        assert label == f"[{int(rid.rsplit('-', 1)[1]) % 2}]"
