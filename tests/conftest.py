@@ -84,7 +84,7 @@ def free_port() -> int:
 class ServerProcess:
     """``fastserve serve`` in a child process, as a user runs it."""
 
-    def __init__(self, repo: Path, *extra: str) -> None:
+    def __init__(self, repo: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = repo.parent / f"server-{self.port}.log"
@@ -102,7 +102,7 @@ class ServerProcess:
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def wait_ready(self, timeout_s: float = 60) -> None:

@@ -58,3 +58,13 @@ def reference(model_file: Path, rows: Any) -> dict[str, Any]:
 
 def predict(repo: Path, model: str, rows: Any) -> dict[str, Any]:
     return reference(repo / model / "1" / "model.onnx", rows)
+
+
+def tabular_body(row: Any, request_id: str | None = None) -> dict[str, Any]:
+    """A V2 JSON request of one 30-feature row (breast_cancer, scorecard), with an id."""
+    doc: dict[str, Any] = {
+        "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row.tolist()}]
+    }
+    if request_id is not None:
+        doc["id"] = request_id
+    return doc

@@ -26,6 +26,10 @@ ADMIN_ROUTES = [
     "/v2/repository/models/adder/unload",
     "/v2/repository/models/adder/promote",
     "/v2/repository/models/adder/rollback",
+    "/v2/review/items",
+    "/v2/review/items/1",
+    "/v2/review/items/1/label",
+    "/v2/review/changes/adder",
 ]
 
 

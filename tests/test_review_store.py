@@ -16,6 +16,7 @@ import pytest
 from conftest import ServerProcess
 from fastserve.demo import example_rows
 from fastserve.review.store import ReviewStore, UnknownRequest
+from models import tabular_body
 
 MODEL = "breast_cancer"
 
@@ -101,12 +102,9 @@ async def _round(url: str, tag: str, rows: Any, proc: ServerProcess) -> set[str]
     acked: set[str] = set()
     async with aiohttp.ClientSession(url) as s:
         for i, row in enumerate(rows):
-            doc = {
-                "id": f"{tag}-{i}",
-                "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                            "data": row.tolist()}],
-            }  # fmt: skip
-            async with s.post(f"/v2/models/{MODEL}/infer", json=doc) as resp:
+            async with s.post(
+                f"/v2/models/{MODEL}/infer", json=tabular_body(row, f"{tag}-{i}")
+            ) as resp:
                 assert resp.status == 200
 
         async def send(i: int) -> None:

@@ -23,22 +23,13 @@ from conftest import running, write_config
 from fastserve.backends.onnxruntime import OnnxRuntimeSession
 from fastserve.config import ServerConfig
 from fastserve.demo import example_labels, example_rows
-from models import reference
+from models import reference, tabular_body
 
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = "breast_cancer"
 INFER = f"/v2/models/{MODEL}/infer"
 ROWS = 143  # the whole test split
-
-
-def body(row: np.ndarray, request_id: str | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row.tolist()}]
-    }
-    if request_id is not None:
-        doc["id"] = request_id
-    return doc
 
 
 @pytest.fixture
@@ -64,7 +55,7 @@ async def infer_all(
     session: aiohttp.ClientSession, rows: np.ndarray, prefix: str = "r"
 ) -> list[dict[str, Any]]:
     async def one(i: int) -> dict[str, Any]:
-        async with session.post(INFER, json=body(rows[i], f"{prefix}{i}")) as resp:
+        async with session.post(INFER, json=tabular_body(rows[i], f"{prefix}{i}")) as resp:
             assert resp.status == 200, await resp.text()
             return dict(await resp.json())
 
@@ -93,11 +84,11 @@ async def test_every_answer_carries_an_id_to_send_feedback_with(repo: Path) -> N
         running(config_for(repo)) as srv,
         aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
     ):
-        async with s.post(INFER, json=body(row, "client-7")) as resp:
+        async with s.post(INFER, json=tabular_body(row, "client-7")) as resp:
             assert (await resp.json())["id"] == "client-7"
-        async with s.post(INFER, json=body(row)) as resp:
+        async with s.post(INFER, json=tabular_body(row)) as resp:
             made = (await resp.json())["id"]
-        async with s.post(INFER, json=body(row)) as resp:
+        async with s.post(INFER, json=tabular_body(row)) as resp:
             other = (await resp.json())["id"]
         assert len(made) == 32 and made != other
         async with s.post(f"/v2/models/{MODEL}/feedback", json={"id": made, "label": 1}) as resp:

@@ -146,6 +146,10 @@ class Registry:
         route = self._routes.get(name)
         return [] if route is None else sorted(route.versions, key=int)
 
+    def known(self) -> set[str]:
+        """Names of the models this registry knows (serving or not)."""
+        return set(self._entries)
+
     def models(self) -> list[ServedModel]:
         """Every loaded model version."""
         return [

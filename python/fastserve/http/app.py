@@ -157,6 +157,12 @@ class Dispatcher:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         route = resolve(request.path)
         if route is None:
+            if request.path.startswith("/v2/review/"):
+                return await self._review(request, request.path.split("/")[3:])
+            if request.path == "/review":
+                if request.method not in ("GET", "HEAD"):
+                    return http_errors.method_not_allowed(request, "GET, HEAD")
+                return review_routes.review_page()
             return http_errors.error_response(404, "no such route")
         action, model, version = route
         if action == "infer":
@@ -191,6 +197,29 @@ class Dispatcher:
             return await admin.model_action(
                 request, self.state, action.removeprefix("repository_"), model
             )
+        except Exception as exc:
+            return http_errors.response_for(exc, request)
+
+    async def _review(self, request: web.BaseRequest, parts: list[str]) -> web.StreamResponse:
+        """The review queue's admin routes: ``items``, ``items/{id}``, ``items/{id}/label``,
+        ``changes/{model}`` (the token first, as for every admin route)."""
+        try:
+            admin.authorize(request, self.state.admin_token)
+            get = request.method in ("GET", "HEAD")
+            state = self.state
+            if parts == ["items"] and get:
+                return await review_routes.list_items(request, state)
+            if len(parts) == 2 and parts[0] == "items" and get:
+                return await review_routes.show_item(request, state, parts[1])
+            if len(parts) == 3 and parts[0] == "items" and parts[2] == "label":
+                if request.method != "POST":
+                    return http_errors.method_not_allowed(request, "POST")
+                return await review_routes.label_item(request, state, parts[1])
+            if len(parts) == 2 and parts[0] == "changes" and get:
+                return await review_routes.changes(request, state, parts[1])
+            if parts and parts[0] in ("items", "changes") and len(parts) <= 2:
+                return http_errors.method_not_allowed(request, "GET, HEAD")
+            return http_errors.error_response(404, "no such route")
         except Exception as exc:
             return http_errors.response_for(exc, request)
 
