@@ -2,6 +2,7 @@
 working tree, servers alternating, so both sides see the same machine state.
 
     python bench/ab.py [--base HEAD] [--rounds 3] [--connections 64] [--duration 4]
+                       [--model breast_cancer|scorecard] [--config batching|"no batching"]
 
 Both sides run on the installed native core (``fastserve._core``), so this compares Python
 changes; rebuild and compare separately when the C++ changes. On this kind of machine the
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--config", choices=sorted(serving.CONFIGS), default="batching")
+    parser.add_argument("--model", choices=serving.TABULAR_MODELS, default="breast_cancer")
     args = parser.parse_args()
 
     from fastserve.demo import build_demo_repository, example_rows
@@ -73,10 +75,10 @@ def main() -> None:
         demo = build_demo_repository(work / "demo")
         repo = work / "repo"
         repo.mkdir()
-        shutil.copytree(demo / serving.MODEL, repo / serving.MODEL)
-        (repo / serving.MODEL / "config.yaml").write_text(serving.CONFIGS[args.config])
+        shutil.copytree(demo / args.model, repo / args.model)
+        (repo / args.model / "config.yaml").write_text(serving.CONFIGS[args.config])
         body = work / "body.json"
-        serving.write_body(body, example_rows(serving.MODEL, 1))
+        serving.write_body(body, example_rows(args.model, 1))
         sides = {
             f"base ({args.base})": package_tree(work / "base", args.base),
             "head (working tree)": package_tree(work / "head", None),
@@ -86,7 +88,7 @@ def main() -> None:
             for side, tree in sides.items():
                 server = serving.Served(repo, [sys.executable, "-c", LAUNCHER, str(tree)])
                 try:
-                    url = f"{server.url}/v2/models/{serving.MODEL}/infer"
+                    url = f"{server.url}/v2/models/{args.model}/infer"
                     serving.wrk(url, body, args.connections, 1)  # warm-up
                     result = serving.wrk(url, body, args.connections, args.duration)
                 finally:

@@ -90,7 +90,9 @@ async def test_every_answer_carries_an_id_to_send_feedback_with(repo: Path) -> N
             made = (await resp.json())["id"]
         async with s.post(INFER, json=tabular_body(row)) as resp:
             other = (await resp.json())["id"]
-        assert len(made) == 32 and made != other
+        prefix, _, number = made.rpartition("-")
+        assert len(prefix) == 12 and int(number, 16) >= 0  # process prefix, then a counter
+        assert made != other
         async with s.post(f"/v2/models/{MODEL}/feedback", json={"id": made, "label": 1}) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["recorded"] == "recorded"
@@ -131,11 +133,20 @@ async def test_feedback_is_idempotent_validated_and_counts_toward_accuracy(repo:
             assert resp.status == 405
         async with s.get(f"/v2/models/{MODEL}/accuracy") as resp:
             (entry,) = (await resp.json())["versions"]
+        async with s.get("/metrics") as resp:
+            metrics = await resp.text()
     truth = labels.copy()
     truth[1] = 1 - truth[1]
+    accuracy = float((predicted == truth).mean())
     assert entry["version"] == "1" and entry["labelled"] == 20
-    assert entry["value"] == pytest.approx(float((predicted == truth).mean()))
-    metrics = srv.registry.metrics.exposition().decode()
+    assert entry["value"] == pytest.approx(accuracy)
+    assert (
+        'fastserve_model_accuracy{metric="accuracy",model="breast_cancer",role="primary",'
+        f'version="1"}} {accuracy}'
+    ) in metrics
+    assert (
+        'fastserve_model_labelled_requests{model="breast_cancer",role="primary",version="1"} 20.0'
+    ) in metrics
     assert 'fastserve_feedback_total{model="breast_cancer",outcome="recorded"} 20.0' in metrics
     assert 'fastserve_feedback_total{model="breast_cancer",outcome="updated"} 1.0' in metrics
 
@@ -285,3 +296,18 @@ async def test_a_shadow_version_must_exist_and_differ_from_the_primary(repo: Pat
     async with running(config_for(repo)) as srv:
         (row,) = [r for r in srv.registry.index() if r.name == MODEL]
         assert "cannot be both primary and shadow" in row.reason
+
+
+async def test_recording_predictions_can_be_turned_off(repo: Path) -> None:
+    write_config(repo, MODEL, "review:\n  record_predictions: false\n")
+    row = example_rows(MODEL, 1)[0]
+    async with (
+        running(config_for(repo)) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        async with s.post(INFER, json=tabular_body(row, "x1")) as resp:
+            assert resp.status == 200 and (await resp.json())["id"] == "x1"
+        async with s.post(f"/v2/models/{MODEL}/feedback", json={"id": "x1", "label": 1}) as resp:
+            assert resp.status == 400
+            assert "record_predictions is false" in (await resp.json())["error"]
+        assert await srv.review.store.query("SELECT count(*) FROM predictions") == [(0,)]

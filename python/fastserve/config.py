@@ -123,7 +123,11 @@ class ShadowConfig(_Strict):
 
 
 class ReviewConfig(_Strict):
-    """Which predictions a person should look at."""
+    """What is recorded of the answers, and which ones a person should look at."""
+
+    record_predictions: bool = True
+    """Record every answer's prediction, so that feedback can be joined to it (accuracy).
+    Costs the request path a little (see the README's figures); off, feedback is refused."""
 
     confidence_measure: Literal["max_probability", "margin", "entropy"] = "max_probability"
     """max_probability: the top class's probability; margin: top minus runner-up;

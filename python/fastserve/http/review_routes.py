@@ -54,7 +54,9 @@ async def feedback(
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(doc, dict) or set(doc) - {"id", "label"} or "label" not in doc:
         raise InvalidRequest('feedback is {"id": "<request id>", "label": <label>}')
-    return _json(await review.feedback(model, doc.get("id"), doc["label"]))
+    route = state.registry.route(model.name)
+    config = model.config if route is None else route.config
+    return _json(await review.feedback(model, config, doc.get("id"), doc["label"]))
 
 
 async def shadow_summary(

@@ -79,6 +79,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.accuracy = Gauge(
+            "fastserve_model_accuracy",
+            "From feedback: the share of labelled rows a version got right (classifiers) or "
+            "its mean absolute error (regressors, metric=mean_absolute_error); role primary: "
+            "the answers clients got, shadow: the mirrored ones.",
+            ["model", "version", "role", "metric"],
+            registry=self.registry,
+        )
+        self.labelled = Gauge(
+            "fastserve_model_labelled_requests",
+            "Requests with feedback, per version and role (what the accuracy is computed on).",
+            ["model", "version", "role"],
+            registry=self.registry,
+        )
+
+    def model_accuracy(self, model: str, entries: list[dict[str, object]]) -> None:
+        for entry in entries:
+            version, role = str(entry["version"]), str(entry["role"])
+            if entry["value"] is not None:
+                self.accuracy.labels(model, version, role, str(entry["metric"])).set(
+                    float(entry["value"])  # type: ignore[arg-type]
+                )
+            self.labelled.labels(model, version, role).set(float(entry["labelled"]))  # type: ignore[arg-type]
+
     def shadow_compared(
         self, model: str, result: str, primary_ms: float, shadow_ms: float | None
     ) -> None:

@@ -68,11 +68,10 @@ class Reading:
         )
 
     def predict(self, outputs: list[npt.NDArray[Any]]) -> Prediction:
-        scores = np.asarray(outputs[self.scores], dtype=np.float64)
-        rows = scores.shape[0]
+        scores = outputs[self.scores]
         if self.task == "classifier":
             return Prediction(self.task, scores.argmax(axis=1), scores)
-        return Prediction(self.task, scores.reshape(rows, -1), None)
+        return Prediction(self.task, scores.reshape(scores.shape[0], -1), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +79,13 @@ class Prediction:
     task: Task
     values: npt.NDArray[Any]
     """Classifier: the class index per row; regressor: the values, shape [rows, k]."""
-    probabilities: npt.NDArray[np.float64] | None
+    probabilities: npt.NDArray[np.floating[Any]] | None
 
     def as_list(self) -> list[int] | list[float]:
         """One entry per row (a regressor with several values per row gives its first)."""
         if self.task == "classifier":
-            return [int(v) for v in self.values]
-        return [float(v) for v in self.values[:, 0]]
+            return self.values.tolist()  # type: ignore[no-any-return]
+        return self.values[:, 0].astype(np.float64).tolist()  # type: ignore[no-any-return]
 
     def confidence(self, measure: ConfidenceMeasure) -> float | None:
         """The lowest confidence over the rows (None for a regressor).
@@ -126,7 +125,8 @@ def compare(primary: Prediction, shadow: Prediction) -> Comparison:
             and shadow.probabilities is not None
             and primary.probabilities.shape == shadow.probabilities.shape
         ):
-            gap = float(np.abs(primary.probabilities - shadow.probabilities).max())
+            difference = primary.probabilities.astype(np.float64) - shadow.probabilities
+            gap = float(np.abs(difference).max())
         agree = primary.values.shape == shadow.values.shape and bool(
             (primary.values == shadow.values).all()
         )

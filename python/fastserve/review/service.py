@@ -70,6 +70,7 @@ class Review:
         self._mirrors: dict[str, _Mirror] = {}
         self._readings: dict[int, Reading | None] = {}  # by id(ServedModel)
         self._random = random.Random()
+        self._metrics_refreshed = 0.0
 
     async def close(self) -> None:
         """Let running mirrors finish (they are bounded by their timeout), then close."""
@@ -106,23 +107,36 @@ class Review:
     ) -> dict[str, Any]:
         """Record the primary's answer, flag it for review, maybe mirror it; returns the
         response parameters to add (the review flag)."""
+        review = config.review
+        threshold = review.confidence_threshold
+        settings = config.shadow
+        mirrored = (
+            shadow is not None
+            and settings is not None
+            and (settings.sample_rate >= 1.0 or self._random.random() < settings.sample_rate)
+        )
+        if not (review.record_predictions or mirrored or threshold is not None):
+            return {}
         reading = self.reading(model)
         if reading is None:
             return {}
-        prediction = reading.predict(outputs)
-        review = config.review
-        confidence = prediction.confidence(review.confidence_measure)
-        self.store.note_prediction(
-            model.name,
-            request_id,
-            "primary",
-            model.version,
-            prediction.as_list(),
-            confidence,
-            latency_ms,
-        )
+        # The common case costs the request one buffered closure: the prediction is read
+        # out of the outputs on the store's thread. It is read here only when needed now.
+        prediction = reading.predict(outputs) if threshold is not None or mirrored else None
+        confidence = None
+        if prediction is not None and threshold is not None:
+            confidence = prediction.confidence(review.confidence_measure)
+        if review.record_predictions or mirrored:
+            self.store.note_prediction(
+                model.name,
+                request_id,
+                "primary",
+                model.version,
+                prediction.as_list if prediction else lambda: reading.predict(outputs).as_list(),
+                confidence,
+                latency_ms,
+            )
         parameters: dict[str, Any] = {}
-        threshold = review.confidence_threshold
         if threshold is not None and confidence is not None and confidence < threshold:
             parameters["review"] = LOW_CONFIDENCE
             parameters["confidence"] = round(confidence, 6)
@@ -138,12 +152,8 @@ class Review:
                 None,
                 confidence,
             )
-        settings = config.shadow
-        if (
-            shadow is not None
-            and settings is not None
-            and (settings.sample_rate >= 1.0 or self._random.random() < settings.sample_rate)
-        ):
+        if mirrored:
+            assert shadow is not None and prediction is not None
             self._start_mirror(
                 config, model, shadow, request_id, arrays, outputs, prediction, latency_ms
             )
@@ -237,7 +247,7 @@ class Review:
             request_id,
             "shadow",
             shadow.version,
-            shadow_prediction.as_list(),
+            shadow_prediction.as_list,
             shadow_prediction.confidence(config.review.confidence_measure),
             shadow_ms,
         )
@@ -296,7 +306,12 @@ class Review:
     # -- feedback and accuracy -----------------------------------------------------------
 
     async def feedback(
-        self, model: ServedModel, request_id: Any, label: Any, source: str = "client"
+        self,
+        model: ServedModel,
+        config: ModelConfig,
+        request_id: Any,
+        label: Any,
+        source: str = "client",
     ) -> dict[str, Any]:
         """Record ``label`` (a class index or value, or one per row) for a request id."""
         if type(request_id) is not str or not 0 < len(request_id) <= 256:
@@ -304,6 +319,10 @@ class Review:
         reading = self.reading(model)
         if reading is None:
             raise FeedbackRefused(f"model '{model.name}' records no predictions to label")
+        if not config.review.record_predictions:
+            raise FeedbackRefused(
+                f"model '{model.name}' records no predictions (review.record_predictions is false)"
+            )
         labels = label if isinstance(label, list) else [label]
         if not labels or not all(_is_label(v, reading.task) for v in labels):
             kind = "class indexes (integers)" if reading.task == "classifier" else "numbers"
@@ -326,12 +345,22 @@ class Review:
         """Per (role, version): labelled requests and accuracy (classifiers: share of rows
         right; regressors: mean absolute error)."""
         rows = await self.store.query(
-            "SELECT p.role, p.version, p.prediction, f.label FROM predictions p "
-            "JOIN feedback f ON f.model = p.model AND f.request_id = p.request_id "
-            "WHERE p.model = ?",
+            "SELECT p.role, p.version, p.prediction, f.label FROM feedback f "
+            "JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
+            "WHERE f.model = ?",
             (name,),
         )
         return summarize_accuracy(rows)
+
+    async def refresh_metrics(self, names: set[str], every_s: float = 15.0) -> None:
+        """Set the accuracy gauges from the store (at most once per ``every_s``; called when
+        Prometheus scrapes)."""
+        now = time.monotonic()
+        if now - self._metrics_refreshed < every_s:
+            return
+        self._metrics_refreshed = now
+        for name in sorted(names):
+            self.metrics.model_accuracy(name, list((await self.accuracy(name)).values()))
 
     async def shadow_summary(self, name: str, config: ModelConfig, primary: str) -> dict[str, Any]:
         shadow = config.shadow

@@ -9,9 +9,13 @@ Two kinds of write:
   commit, made with ``synchronous=FULL``, before it answers its client. Such a record
   survives kill -9 of the server (and a power cut, as far as the disk keeps its promises).
 * **Observed** (predictions, shadow comparisons, review items): noted without waiting and
-  written in one transaction per flush, every ``flush_interval_s``. A crash loses at most
-  the last interval of them; nobody was told they were stored. The buffer is bounded: past
-  ``max_buffered`` records, new ones are dropped and counted.
+  written in one transaction per flush, every ``flush_interval_s``, with
+  ``synchronous=NORMAL`` (in WAL mode: durable across a crash of the process, not of the
+  machine). A crash loses at most the last interval of them; nobody was told they were
+  stored. The buffer is bounded: past ``max_buffered`` records, new ones are dropped and
+  counted. A record may be noted as a function that builds the row, so that the work of
+  building it (reading a prediction out of the outputs, encoding it) happens on the
+  store's thread, once per flush, instead of on the request path.
 
 Idempotency: a prediction, a comparison and a feedback are each keyed by (model, request
 id); a review item by (model, request id, reason). Writing the same one again changes
@@ -131,6 +135,10 @@ _INSERTS = {
 _RETAINED = ("predictions", "comparisons", "feedback", "review_items")
 
 
+Row = tuple[Any, ...] | Callable[[], tuple[Any, ...]]
+"""An observed record: its row, or a function that builds it on the store's thread."""
+
+
 class UnknownRequest(LookupError):
     """Feedback for a request id with no recorded prediction."""
 
@@ -158,7 +166,7 @@ class ReviewStore:
         self.max_buffered = max_buffered
         self.dropped = 0
         """Observed records dropped because the buffer was full."""
-        self._buffer: list[tuple[str, tuple[Any, ...]]] = []
+        self._buffer: list[tuple[str, Row]] = []
         self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-store")
         self._db: sqlite3.Connection | None = None
@@ -210,8 +218,9 @@ class ReviewStore:
 
     # -- observed records (buffered) --------------------------------------------------------
 
-    def note(self, table: str, row: tuple[Any, ...]) -> None:
-        """Queue one observed record for the next flush (never blocks)."""
+    def note(self, table: str, row: Row) -> None:
+        """Queue one observed record (a row, or a function that returns it) for the next
+        flush (never blocks)."""
         with self._buffer_lock:
             if len(self._buffer) >= self.max_buffered:
                 self.dropped += 1
@@ -224,21 +233,24 @@ class ReviewStore:
         request_id: str,
         role: str,
         version: str,
-        prediction: Sequence[float | int],
+        prediction: Sequence[float | int] | Callable[[], Sequence[float | int]],
         confidence: float | None,
         latency_ms: float,
     ) -> None:
+        """Note what a version predicted, one value per row; given as a function, it is
+        called on the store's thread."""
+        created = time.time()
         self.note(
             "predictions",
-            (
+            lambda: (
                 model,
                 request_id,
                 role,
                 version,
-                json.dumps(list(prediction)),
+                json.dumps(list(prediction() if callable(prediction) else prediction)),
                 confidence,
                 latency_ms,
-                time.time(),
+                created,
             ),
         )
 
@@ -251,9 +263,16 @@ class ReviewStore:
         if not items or self._db is None:
             return
         db = self._db
-        with _transaction(db):
-            for table, row in items:
-                db.execute(_INSERTS[table], row)
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for table, row in items:
+            rows.setdefault(table, []).append(row() if callable(row) else row)
+        db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
+        try:
+            with _transaction(db):
+                for table, values in rows.items():
+                    db.executemany(_INSERTS[table], values)
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
 
     async def _flush_periodically(self) -> None:
         last_prune = 0.0
