@@ -311,3 +311,40 @@ async def test_recording_predictions_can_be_turned_off(repo: Path) -> None:
             assert resp.status == 400
             assert "record_predictions is false" in (await resp.json())["error"]
         assert await srv.review.store.query("SELECT count(*) FROM predictions") == [(0,)]
+
+
+async def test_a_shadow_that_always_disagrees_is_recorded_and_the_queue_stays_bounded(
+    candidate_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the shadow is the primary's own model, made to answer the other class
+    shutil.copy(candidate_repo / MODEL / "1" / "model.onnx", candidate_repo / MODEL / "2")
+    write_config(
+        candidate_repo,
+        MODEL,
+        "primary: 1\nshadow:\n  version: 2\n  max_pending: 1000\nreview:\n  max_pending: 5\n",
+    )
+    original = OnnxRuntimeSession.run
+
+    def contrary(self: OnnxRuntimeSession, inputs: Any) -> Any:
+        label, probabilities = original(self, inputs)
+        if self.version == "2":  # the other class, on purpose
+            return [1 - label, probabilities[:, ::-1].copy()]
+        return [label, probabilities]
+
+    monkeypatch.setattr(OnnxRuntimeSession, "run", contrary)
+    rows = example_rows(MODEL, 40)
+    expected = reference(candidate_repo / MODEL / "1" / "model.onnx", rows)["label"]
+    async with (
+        running(config_for(candidate_repo)) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        answers = await infer_all(s, rows)
+        summary = await wait_compared(s, 40)
+        metrics = srv.registry.metrics.exposition().decode()
+        await srv.review.store.flush()
+        queued = await srv.review.store.query("SELECT count(*) FROM review_items")
+    assert [a["outputs"][0]["data"] for a in answers] == [[int(v)] for v in expected]
+    assert summary["compared"] == 40 and summary["disagreements"] == 40
+    assert summary["agreement"] == 0.0
+    assert queued == [(5,)]
+    assert f'fastserve_review_items_dropped_total{{model="{MODEL}"}} 35.0' in metrics

@@ -58,7 +58,7 @@ class Server:
             ),
             shutdown_timeout=config.drain_timeout_s,
         )
-        await self.review.store.open()  # an unusable state file stops start-up, loudly
+        await self.review.open()  # an unusable state file stops start-up, loudly
         self.state.review = self.review
         await runner.setup()
         self._runner = runner

@@ -72,6 +72,13 @@ class Metrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.review_dropped_total = Counter(
+            "fastserve_review_items_dropped",
+            "Predictions not queued for review because the model's queue was full "
+            "(review.max_pending unlabelled items).",
+            ["model"],
+            registry=self.registry,
+        )
         self.feedback_total = Counter(
             "fastserve_feedback",
             "Ground-truth labels recorded, by outcome (recorded: new, updated: changed).",
@@ -116,6 +123,9 @@ class Metrics:
 
     def review_queued(self, model: str, reason: str) -> None:
         self.review_items.labels(model, reason).inc()
+
+    def review_dropped(self, model: str) -> None:
+        self.review_dropped_total.labels(model).inc()
 
     def feedback(self, model: str, outcome: str) -> None:
         self.feedback_total.labels(model, outcome).inc()

@@ -71,6 +71,18 @@ class Review:
         self._readings: dict[int, Reading | None] = {}  # by id(ServedModel)
         self._random = random.Random()
         self._metrics_refreshed = 0.0
+        self._pending_items: dict[str, int] = {}
+        """Unlabelled review items per model, queued or stored (bounded by max_pending)."""
+
+    async def open(self) -> None:
+        await self.store.open()
+        await self._count_pending()
+
+    async def _count_pending(self) -> None:
+        rows = await self.store.query(
+            "SELECT model, count(*) FROM review_items WHERE status = 'pending' GROUP BY model"
+        )
+        self._pending_items = {str(model): int(n) for model, n in rows}
 
     async def close(self) -> None:
         """Let running mirrors finish (they are bounded by their timeout), then close."""
@@ -151,6 +163,7 @@ class Review:
                 outputs,
                 None,
                 confidence,
+                review.max_pending,
             )
         if mirrored:
             assert shadow is not None and prediction is not None
@@ -264,6 +277,7 @@ class Review:
                 outputs,
                 shadow_outputs,
                 prediction.confidence(config.review.confidence_measure),
+                config.review.max_pending,
             )
 
     def _queue_item(
@@ -278,7 +292,12 @@ class Review:
         outputs: list[npt.NDArray[Any]],
         shadow_outputs: list[npt.NDArray[Any]] | None,
         confidence: float | None,
+        limit: int,
     ) -> None:
+        if self._pending_items.get(name, 0) >= limit:
+            self.metrics.review_dropped(name)
+            return
+        self._pending_items[name] = self._pending_items.get(name, 0) + 1
         signature = model.signature
 
         def tensors(specs: Any, values: list[npt.NDArray[Any]]) -> str:
@@ -487,6 +506,7 @@ class Review:
         """Queue items (oldest first), without their tensors."""
         if status not in ("pending", "labelled", "all"):
             raise InvalidRequest("'status' must be pending, labelled or all")
+        await self._count_pending()  # retention may have removed some
         clauses: list[str] = ["id > ?"]
         params: list[Any] = [after]
         if status != "all":
@@ -551,6 +571,7 @@ class Review:
 
         model = await self.store.run(apply)
         self.metrics.feedback(model, "reviewed")
+        await self._count_pending()
         return await self.item(item_id)
 
 
