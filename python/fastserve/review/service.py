@@ -16,6 +16,7 @@ import math
 import random
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,10 @@ class Review:
         self.store = store
         self.metrics = metrics
         self._mirrors: dict[str, _Mirror] = {}
-        self._readings: dict[int, Reading | None] = {}  # by id(ServedModel)
+        # per loaded version, forgotten with it (a weak key: no id() that could be reused)
+        self._readings: weakref.WeakKeyDictionary[ServedModel, Reading | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self._random = random.Random()
         self._metrics_refreshed = 0.0
         self._pending_items: dict[str, int] = {}
@@ -95,17 +99,13 @@ class Review:
 
     def reading(self, model: ServedModel) -> Reading | None:
         """How to read ``model``'s outputs (None: it is neither classifier nor regressor)."""
-        key = id(model)
-        if key not in self._readings:
+        if model not in self._readings:
             try:
-                self._readings[key] = Reading.of(model.signature, model.config.task)
+                self._readings[model] = Reading.of(model.signature, model.config.task)
             except NotInterpretable as exc:
                 log.warning("model %s: predictions are not recorded: %s", model.label, exc)
-                self._readings[key] = None
-        return self._readings[key]
-
-    def forget(self, model: ServedModel) -> None:
-        self._readings.pop(id(model), None)
+                self._readings[model] = None
+        return self._readings[model]
 
     def observe(
         self,
@@ -144,7 +144,11 @@ class Review:
                 request_id,
                 "primary",
                 model.version,
-                prediction.as_list if prediction else lambda: reading.predict(outputs).as_list(),
+                (
+                    prediction.as_list
+                    if prediction is not None
+                    else lambda: reading.predict(outputs).as_list()
+                ),
                 confidence,
                 latency_ms,
             )
