@@ -68,3 +68,26 @@ def tabular_body(row: Any, request_id: str | None = None) -> dict[str, Any]:
     if request_id is not None:
         doc["id"] = request_id
     return doc
+
+
+def linear(weights: list[float], bias: float = 0.0) -> onnx.ModelProto:
+    """A regressor: y = x @ weights + bias, input ``x`` FP32 [-1, len(weights)], output ``y``
+    FP32 [-1, 1]."""
+    width = len(weights)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [width, 1], weights)
+    b = helper.make_tensor("b", TensorProto.FLOAT, [1], [bias])
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+        ],
+        "linear",
+        [x],
+        [y],
+        initializer=[w, b],
+    )
+    return helper.make_model(
+        graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
+    )

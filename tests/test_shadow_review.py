@@ -23,7 +23,7 @@ from conftest import running, write_config
 from fastserve.backends.onnxruntime import OnnxRuntimeSession
 from fastserve.config import ServerConfig
 from fastserve.demo import example_labels, example_rows
-from models import reference, tabular_body
+from models import linear, reference, save, tabular_body
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -348,3 +348,44 @@ async def test_a_shadow_that_always_disagrees_is_recorded_and_the_queue_stays_bo
     assert summary["agreement"] == 0.0
     assert queued == [(5,)]
     assert f'fastserve_review_items_dropped_total{{model="{MODEL}"}} 35.0' in metrics
+
+
+async def test_a_regressor_shadow_is_compared_by_difference_and_judged_by_error(
+    repo: Path,
+) -> None:
+    save(linear([1.0, 2.0, 3.0]), repo / "price" / "1" / "model.onnx")
+    save(linear([1.0, 2.0, 3.0], bias=0.5), repo / "price" / "2" / "model.onnx")
+    write_config(repo, "price", "primary: 1\nshadow:\n  version: 2\n")
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)
+    truth = rows @ np.array([1.0, 2.0, 3.0]) + 0.25  # halfway between the two versions
+    async with (
+        running(config_for(repo)) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        for i, row in enumerate(rows):
+            doc = {"id": f"p{i}", "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                                              "data": row.tolist()}]}  # fmt: skip
+            async with s.post("/v2/models/price/infer", json=doc) as resp:
+                assert resp.status == 200
+        for _ in range(400):
+            async with s.get("/v2/models/price/shadow") as resp:
+                summary = await resp.json()
+            if summary["compared"] == 10:
+                break
+            await asyncio.sleep(0.025)
+        for i, value in enumerate(truth):
+            async with s.post(
+                "/v2/models/price/feedback", json={"id": f"p{i}", "label": float(value)}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        async with s.post("/v2/models/price/feedback", json={"id": "p0", "label": "x"}) as resp:
+            assert resp.status == 400 and "numbers" in (await resp.json())["error"]
+        async with s.get("/v2/models/price/accuracy") as resp:
+            accuracy = {e["role"]: e for e in (await resp.json())["versions"]}
+    assert summary["compared"] == 10 and summary["agreement"] is None
+    assert summary["abs_diff"]["max"] == pytest.approx(0.5)
+    assert summary["abs_diff"]["mean"] == pytest.approx(0.5)
+    assert summary["rel_diff"]["mean"] > 0
+    for role in ("primary", "shadow"):
+        assert accuracy[role]["metric"] == "mean_absolute_error"
+        assert accuracy[role]["value"] == pytest.approx(0.25, abs=1e-4)

@@ -1,0 +1,59 @@
+"""Reading predictions out of outputs, confidence measures and comparisons (no server)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fastserve.protocol import ModelSignature, TensorSpec
+from fastserve.review.outcome import NotInterpretable, Reading, agreement_interval, compare
+
+
+def signature(*outputs: tuple[str, str, tuple[int, ...]]) -> ModelSignature:
+    return ModelSignature(
+        inputs=(TensorSpec("x", "FP32", (-1, 3)),),
+        outputs=tuple(TensorSpec(n, d, s) for n, d, s in outputs),
+    )
+
+
+CLASSIFIER = signature(("label", "INT64", (-1,)), ("probabilities", "FP32", (-1, 3)))
+
+
+def test_outputs_are_read_as_a_classifier_or_a_regressor() -> None:
+    assert Reading.of(CLASSIFIER) == Reading("classifier", 1, 0)
+    assert Reading.of(signature(("y", "FP32", (-1, 1)))) == Reading("regressor", 0)
+    with pytest.raises(NotInterpretable, match="set task"):
+        Reading.of(signature(("a", "FP32", (-1, 1)), ("b", "FP32", (-1, 1))))
+    with pytest.raises(NotInterpretable, match="a classifier needs"):
+        Reading.of(signature(("y", "FP32", (-1, 1))), "classifier")
+
+
+def test_confidence_measures_rank_sure_rows_above_unsure_ones() -> None:
+    p = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
+    prediction = Reading.of(CLASSIFIER).predict([np.array([0]), p])
+    assert prediction.as_list() == [0]
+    assert prediction.confidence("max_probability") == pytest.approx(0.7)
+    assert prediction.confidence("margin") == pytest.approx(0.5)
+    entropy = -sum(v * math.log(v) for v in (0.7, 0.2, 0.1))
+    assert prediction.confidence("entropy") == pytest.approx(1 - entropy / math.log(3), rel=1e-5)
+    uniform = Reading.of(CLASSIFIER).predict([np.array([0]), np.full((1, 3), 1 / 3, np.float32)])
+    assert uniform.confidence("entropy") == pytest.approx(0.0, abs=1e-6)
+    # a request of several rows is as sure as its least sure row
+    two = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]], dtype=np.float32)
+    assert Reading.of(CLASSIFIER).predict([np.array([0, 0]), two]).confidence(
+        "max_probability"
+    ) == pytest.approx(0.4)
+
+
+def test_comparisons_and_the_agreement_interval() -> None:
+    reading = Reading.of(CLASSIFIER)
+    a = reading.predict([np.array([0]), np.array([[0.6, 0.3, 0.1]], np.float32)])
+    b = reading.predict([np.array([1]), np.array([[0.3, 0.6, 0.1]], np.float32)])
+    assert compare(a, a).agree is True
+    result = compare(a, b)
+    assert result.agree is False and result.probability_gap == pytest.approx(0.3)
+    low, high = agreement_interval(95, 100)
+    assert low < 0.95 < high < 1.0
+    assert agreement_interval(0, 0) == (0.0, 1.0)
