@@ -9,6 +9,7 @@ import pytest
 
 from fastserve.protocol import ModelSignature, TensorSpec
 from fastserve.review.outcome import NotInterpretable, Reading, agreement_interval, compare
+from fastserve.review.service import PredictionLog
 
 
 def signature(*outputs: tuple[str, str, tuple[int, ...]]) -> ModelSignature:
@@ -57,3 +58,23 @@ def test_comparisons_and_the_agreement_interval() -> None:
     low, high = agreement_interval(95, 100)
     assert low < 0.95 < high < 1.0
     assert agreement_interval(0, 0) == (0.0, 1.0)
+
+
+def test_the_prediction_log_reads_many_requests_at_once_and_stays_bounded() -> None:
+    log = PredictionLog(limit=3)
+    classifier = Reading.of(CLASSIFIER)
+    regressor = Reading.of(signature(("y", "FP32", (-1, 1))))
+    two_rows = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    log.add("m", "a", "primary", "1", classifier, [np.array([1, 0]), two_rows], None, 1.0)
+    one_row = np.array([[0.1, 0.2, 0.7]], np.float32)
+    log.add("m", "b", "shadow", "2", classifier, [np.array([2]), one_row], 0.7, 2.0)
+    log.add("r", "c", "primary", "1", regressor, [np.array([[1.5]], np.float32)], None, 3.0)
+    log.add("r", "d", "primary", "1", regressor, [np.array([[2.5]], np.float32)], None, 3.0)
+    assert log.dropped == 1
+    rows = log.drain()
+    assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
+        ("m", "a", "primary", "1", "[1,0]", None),
+        ("m", "b", "shadow", "2", "[2]", 0.7),
+        ("r", "c", "primary", "1", "[1.5]", None),
+    ]
+    assert log.drain() == []

@@ -21,6 +21,12 @@ from models import tabular_body
 MODEL = "breast_cancer"
 
 
+def note(store: ReviewStore, request_id: str, label: int, confidence: float | None = None) -> None:
+    """An observed prediction of model "m" version 1, as the request path notes one."""
+    row = ("m", request_id, "primary", "1", f"[{label}]", confidence, 1.0, time.time())
+    store.note("predictions", row)
+
+
 async def test_observed_records_are_written_once_and_feedback_is_idempotent(
     tmp_path: Path,
 ) -> None:
@@ -28,7 +34,7 @@ async def test_observed_records_are_written_once_and_feedback_is_idempotent(
     await store.open()
     try:
         for _ in range(3):  # the same request noted again (a retry) stays one record
-            store.note_prediction("m", "a", "primary", "1", [1], 0.7, 1.5)
+            note(store, "a", 1, 0.7)
         with pytest.raises(UnknownRequest):
             await store.add_feedback("m", "b", [1], "client")
         first = await store.add_feedback("m", "a", [1], "client")  # flushes "a" first
@@ -50,7 +56,7 @@ async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path
     store = ReviewStore(tmp_path / "s.db")
     await store.open()
     try:
-        store.note_prediction("m", "old", "primary", "1", [1], None, 1.0)
+        note(store, "old", 1)
         await store.flush()
 
         def backdate_and_record(db: sqlite3.Connection) -> None:
@@ -61,7 +67,7 @@ async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path
             )
 
         await store.run(backdate_and_record)
-        store.note_prediction("m", "new", "primary", "1", [0], None, 1.0)
+        note(store, "new", 0)
         removed = await store.prune(time.time() - 7 * 86400)
         assert removed == 1
         assert await store.query("SELECT request_id FROM predictions") == [("new",)]
@@ -75,7 +81,7 @@ async def test_a_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path)
     await store.open()
     try:
         for i in range(8):
-            store.note_prediction("m", f"r{i}", "primary", "1", [1], None, 1.0)
+            note(store, f"r{i}", 1)
         assert store.dropped == 3
         await store.flush()
         assert await store.query("SELECT count(*) FROM predictions") == [(5,)]

@@ -68,7 +68,10 @@ class Reading:
         )
 
     def predict(self, outputs: list[npt.NDArray[Any]]) -> Prediction:
-        scores = outputs[self.scores]
+        return self.predict_scores(outputs[self.scores])
+
+    def predict_scores(self, scores: npt.NDArray[Any]) -> Prediction:
+        """The prediction from the scores output alone (probabilities, or the values)."""
         if self.task == "classifier":
             return Prediction(self.task, scores.argmax(axis=1), scores)
         return Prediction(self.task, scores.reshape(scores.shape[0], -1), None)

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import sqlite3
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -58,6 +59,66 @@ class _Mirror:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+class PredictionLog:
+    """Predictions noted on the request path as (outputs, how to read them) and turned into
+    rows on the store's thread, many at a time: the outputs of every noted request read the
+    same way are stacked and read in one numpy call. Bounded; drops are counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._items: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        model: str,
+        request_id: str,
+        role: str,
+        version: str,
+        reading: Reading,
+        outputs: list[npt.NDArray[Any]],
+        confidence: float | None,
+        latency_ms: float,
+    ) -> None:
+        item = (model, request_id, role, version, reading, outputs, confidence, latency_ms)
+        with self._lock:
+            if len(self._items) >= self.limit:
+                self.dropped += 1
+                return
+            self._items.append((*item, time.time()))
+
+    def drain(self) -> list[tuple[Any, ...]]:
+        """Rows for the predictions table, for everything noted since the last drain."""
+        with self._lock:
+            items, self._items = self._items, []
+        groups: dict[tuple[Reading, tuple[int, ...]], list[int]] = {}
+        for i, item in enumerate(items):
+            reading, outputs = item[4], item[5]
+            groups.setdefault((reading, outputs[reading.scores].shape[1:]), []).append(i)
+        texts: list[str] = [""] * len(items)
+        for (reading, _), members in groups.items():
+            scores = [items[i][5][reading.scores] for i in members]
+            values = reading.predict_scores(np.concatenate(scores)).as_list()
+            start = 0
+            for i, part in zip(members, scores, strict=True):
+                end = start + len(part)
+                chunk = values[start:end]
+                # class indexes are ints: their JSON is cheap to write by hand
+                texts[i] = (
+                    f"[{','.join(map(str, chunk))}]"
+                    if reading.task == "classifier"
+                    else json.dumps(chunk)
+                )
+                start = end
+        return [
+            (model, request_id, role, version, texts[i], confidence, latency_ms, created)
+            for i, (model, request_id, role, version, _, _, confidence, latency_ms, created) in (
+                enumerate(items)
+            )
+        ]
+
+
 def tensor_doc(array: npt.NDArray[Any]) -> dict[str, Any]:
     return {"datatype": str(array.dtype), "shape": list(array.shape), "data": array.tolist()}
 
@@ -68,6 +129,8 @@ class Review:
     def __init__(self, store: ReviewStore, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
+        self.predictions = PredictionLog(store.max_buffered)
+        store.add_source("predictions", self.predictions.drain)
         self._mirrors: dict[str, _Mirror] = {}
         # per loaded version, forgotten with it (a weak key: no id() that could be reused)
         self._readings: weakref.WeakKeyDictionary[ServedModel, Reading | None] = (
@@ -132,23 +195,20 @@ class Review:
         reading = self.reading(model)
         if reading is None:
             return {}
-        # The common case costs the request one buffered closure: the prediction is read
-        # out of the outputs on the store's thread. It is read here only when needed now.
+        # The common case costs the request one buffered tuple: the prediction is read out
+        # of the outputs on the store's thread. It is read here only when needed now.
         prediction = reading.predict(outputs) if threshold is not None or mirrored else None
         confidence = None
         if prediction is not None and threshold is not None:
             confidence = prediction.confidence(review.confidence_measure)
         if review.record_predictions or mirrored:
-            self.store.note_prediction(
+            self.predictions.add(
                 model.name,
                 request_id,
                 "primary",
                 model.version,
-                (
-                    prediction.as_list
-                    if prediction is not None
-                    else lambda: reading.predict(outputs).as_list()
-                ),
+                reading,
+                outputs,
                 confidence,
                 latency_ms,
             )
@@ -259,12 +319,13 @@ class Review:
              None if result.agree is None else int(result.agree), result.probability_gap,
              result.abs_diff, result.rel_diff, primary_ms, shadow_ms, None, time.time()),
         )  # fmt: skip
-        self.store.note_prediction(
+        self.predictions.add(
             name,
             request_id,
             "shadow",
             shadow.version,
-            shadow_prediction.as_list,
+            shadow_reading,
+            shadow_outputs,
             shadow_prediction.confidence(config.review.confidence_measure),
             shadow_ms,
         )

@@ -168,6 +168,7 @@ class ReviewStore:
         """Observed records dropped because the buffer was full."""
         self._buffer: list[tuple[str, Row]] = []
         self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
+        self._sources: list[tuple[str, Callable[[], list[tuple[Any, ...]]]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-store")
         self._db: sqlite3.Connection | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -227,32 +228,10 @@ class ReviewStore:
                 return
             self._buffer.append((table, row))
 
-    def note_prediction(
-        self,
-        model: str,
-        request_id: str,
-        role: str,
-        version: str,
-        prediction: Sequence[float | int] | Callable[[], Sequence[float | int]],
-        confidence: float | None,
-        latency_ms: float,
-    ) -> None:
-        """Note what a version predicted, one value per row; given as a function, it is
-        called on the store's thread."""
-        created = time.time()
-        self.note(
-            "predictions",
-            lambda: (
-                model,
-                request_id,
-                role,
-                version,
-                json.dumps(list(prediction() if callable(prediction) else prediction)),
-                confidence,
-                latency_ms,
-                created,
-            ),
-        )
+    def add_source(self, table: str, drain: Callable[[], list[tuple[Any, ...]]]) -> None:
+        """Have each flush also write the rows ``drain()`` returns (called on the store's
+        thread): for a producer that turns many records into rows at once."""
+        self._sources.append((table, drain))
 
     async def flush(self) -> None:
         await self._call(self._flush)
@@ -260,12 +239,18 @@ class ReviewStore:
     def _flush(self) -> None:
         with self._buffer_lock:
             items, self._buffer = self._buffer, []
-        if not items or self._db is None:
+        if self._db is None:
             return
         db = self._db
         rows: dict[str, list[tuple[Any, ...]]] = {}
+        for table, drain in self._sources:
+            produced = drain()
+            if produced:
+                rows.setdefault(table, []).extend(produced)
         for table, row in items:
             rows.setdefault(table, []).append(row() if callable(row) else row)
+        if not rows:
+            return
         db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
         try:
             with _transaction(db):
