@@ -9,7 +9,7 @@ import pytest
 
 from fastserve.protocol import ModelSignature, TensorSpec
 from fastserve.review.outcome import NotInterpretable, Reading, agreement_interval, compare
-from fastserve.review.service import PredictionLog
+from fastserve.review.service import PredictionLog, tensor_doc
 
 
 def signature(*outputs: tuple[str, str, tuple[int, ...]]) -> ModelSignature:
@@ -78,3 +78,9 @@ def test_the_prediction_log_reads_many_requests_at_once_and_stays_bounded() -> N
         ("r", "c", "primary", "1", "[1.5]", None),
     ]
     assert log.drain() == []
+
+
+def test_review_items_show_float32_values_as_their_shortest_decimal() -> None:
+    doc = tensor_doc(np.array([[14.99, 0.1]], np.float32))
+    assert doc == {"datatype": "float32", "shape": [1, 2], "data": [[14.99, 0.1]]}
+    assert tensor_doc(np.array([3, 4]))["data"] == [3, 4]

@@ -120,7 +120,13 @@ class PredictionLog:
 
 
 def tensor_doc(array: npt.NDArray[Any]) -> dict[str, Any]:
-    return {"datatype": str(array.dtype), "shape": list(array.shape), "data": array.tolist()}
+    """A tensor as JSON for a reviewer. Floats narrower than 64 bits are written as their
+    shortest decimal (14.99, not the 14.989999771118164 a float64 conversion shows)."""
+    if array.dtype in (np.float16, np.float32):
+        data = np.array([float(str(v)) for v in array.ravel()]).reshape(array.shape).tolist()
+    else:
+        data = array.tolist()
+    return {"datatype": str(array.dtype), "shape": list(array.shape), "data": data}
 
 
 class Review:
