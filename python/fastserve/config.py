@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fastserve.errors import ConfigError
 
@@ -176,6 +184,9 @@ class ModelConfig(_Strict):
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
     warmup: bool = True
     """Run generated inputs through each instance before the model is reported ready."""
+    validation: Literal["reject", "warn", "off"] = "reject"
+    """What a request whose values fail the version's ``schema.yaml`` gets: 400 (reject),
+    an answer with the failure counted and logged (warn), or no check (off)."""
     task: Literal["auto", "classifier", "regressor"] = "auto"
     """How predictions are read for shadow comparison, review and accuracy: a classifier
     by its [rows, classes] probabilities, a regressor by its one float output."""
@@ -183,6 +194,12 @@ class ModelConfig(_Strict):
     review: ReviewConfig = ReviewConfig()
     promotion: PromotionGate = PromotionGate()
     description: str = ""
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` as false: take it as meant."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check_execution(self) -> ModelConfig:

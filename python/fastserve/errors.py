@@ -36,6 +36,16 @@ class RecordNotFound(FastServeError):
     """No such record: a request id without a prediction, a review item (HTTP 404)."""
 
 
+class SchemaViolation(InvalidRequest):
+    """Input values fail the model's schema (HTTP 400); ``failures`` says which, bounded."""
+
+    def __init__(self, model: str, failures: list[dict[str, object]]) -> None:
+        self.failures = failures
+        named = ", ".join(f"{f['feature']} ({f['check']})" for f in failures[:5])
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        super().__init__(f"model '{model}': input values fail its schema: {named}{more}")
+
+
 class ModelNotReady(FastServeError):
     """The model exists but cannot serve right now (HTTP 503)."""
 

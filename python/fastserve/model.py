@@ -14,6 +14,7 @@ from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
 from fastserve.protocol import ModelSignature
+from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema
 from fastserve.stats import RequestStats, model_statistics
 
 log = logging.getLogger("fastserve.model")
@@ -28,6 +29,10 @@ class ModelState(str, enum.Enum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_execution(config: ModelConfig, provider: str) -> Execution:
@@ -47,6 +52,8 @@ class ServedModel:
     signature: ModelSignature
     sessions: list[OnnxRuntimeSession]
     batcher: ModelBatcher
+    schema: InputSchema | None = None
+    """The version's value schema (its ``schema.yaml``), compiled."""
     request_stats: RequestStats = field(default_factory=RequestStats)
     inflight: int = 0
     """Requests holding this version between choosing it and answering (event loop only)."""
@@ -67,6 +74,14 @@ class ServedModel:
             for _ in range(config.instance_count)
         ]
         signature = sessions[0].signature
+        schema = None
+        schema_file = model_file.parent / SCHEMA_FILE
+        if schema_file.exists():
+            try:
+                schema = load_input_schema(schema_file, signature)
+            except Exception as exc:  # pandera's own errors too: a bad file refuses the load
+                problem = _short(f"{exc.__class__.__name__}: {exc}")
+                raise ModelLoadError(name, version, f"{SCHEMA_FILE}: {problem}") from None
         if config.warmup:
             for session in sessions:
                 try:
@@ -85,7 +100,7 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
-        return cls(name, version, config, signature, sessions, batcher)
+        return cls(name, version, config, signature, sessions, batcher, schema)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.batcher.start(loop)

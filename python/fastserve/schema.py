@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from fastserve.protocol import ModelSignature
 
 Mask = Callable[[npt.NDArray[Any]], npt.NDArray[np.bool_]]
 """Values of one feature (no NaN among them) -> True where the check fails."""
@@ -50,6 +53,42 @@ class Failure:
             "rows": list(self.rows),
             "values": [None if np.isnan(v) else v for v in self.values],
         }
+
+
+SCHEMA_FILE = "schema.yaml"
+"""A version folder's pandera schema (pandera's YAML form), beside its model.onnx."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputSchema:
+    """A compiled schema and the model input whose columns it checks."""
+
+    input_index: int
+    input_name: str
+    compiled: CompiledSchema
+
+
+def load_input_schema(path: Path, signature: ModelSignature) -> InputSchema:
+    """Compile the schema at ``path`` for the model's one 2-D FP32/FP64 input whose width is
+    the schema's number of columns; its columns, in file order, are that input's features.
+    Raises SchemaNotCompilable (or pandera's errors) when it does not fit."""
+    import pandera.pandas as pa
+
+    schema = pa.DataFrameSchema.from_yaml(path.read_text(encoding="utf-8"))
+    features = [str(name) for name in schema.columns]
+    fitting = [
+        (i, spec)
+        for i, spec in enumerate(signature.inputs)
+        if spec.datatype in ("FP32", "FP64") and len(spec.shape) == 2
+        and spec.shape[1] == len(features)
+    ]  # fmt: skip
+    if len(fitting) != 1:
+        raise SchemaNotCompilable(
+            f"{len(features)} columns fit {len(fitting)} of the model's inputs (need exactly "
+            "one 2-D float input that wide)"
+        )
+    index, spec = fitting[0]
+    return InputSchema(index, spec.name, CompiledSchema.from_pandera(schema, features))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from fastserve import __version__
 from fastserve.config import ServerConfig
-from fastserve.errors import FastServeError, InvalidRequest, ServerStopping
+from fastserve.errors import FastServeError, InvalidRequest, SchemaViolation, ServerStopping
 from fastserve.http import admin, review_routes
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
@@ -319,6 +319,22 @@ def _request_options(request: InferenceRequest, model: ServedModel) -> tuple[int
     return batching.priority_index(priority), timeout
 
 
+def check_values(model: ServedModel, arrays: list[Any], state: ServerState) -> None:
+    """The version's value schema: reject (400) or warn (count and log) on a failure."""
+    schema = model.schema
+    assert schema is not None
+    failures = schema.compiled.check(arrays[schema.input_index])
+    if not failures:
+        return
+    metrics = state.registry.metrics
+    for failure in failures:
+        metrics.validation_failed(model.name, model.version, failure.feature, failure.check)
+    docs = [f.as_doc() for f in failures]
+    if model.config.validation == "reject":
+        raise SchemaViolation(model.label, docs)
+    log.warning("model %s: input values fail its schema (served): %s", model.label, docs[:3])
+
+
 def _response_format(request: web.BaseRequest, content_type: str) -> str:
     """msgpack when the request was msgpack or asks for it, else JSON."""
     if (
@@ -390,6 +406,8 @@ async def _infer(
         inference, model.signature, max_batch_size=model.config.batching.max_batch_size
     )
     validate_outputs(inference, model.signature)
+    if model.schema is not None and model.config.validation != "off":
+        check_values(model, arrays, state)
     priority, timeout_us = _request_options(inference, model)
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
 

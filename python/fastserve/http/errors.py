@@ -59,7 +59,11 @@ def from_exception(exc: errors.FastServeError) -> web.Response:
         headers = {"Retry-After": str(max(1, math.ceil(retry)))}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="fastserve admin"'}
-    extra = {"conditions": exc.conditions} if isinstance(exc, errors.GateFailed) else {}
+    extra: dict[str, object] = {}
+    if isinstance(exc, errors.GateFailed):
+        extra["conditions"] = exc.conditions
+    elif isinstance(exc, errors.SchemaViolation):
+        extra["failures"] = exc.failures[:20]
     response = error_response(status, str(exc), headers, **extra)
     if isinstance(exc, errors.RequestTimeout | errors.PayloadTooLarge | errors.ClientDisconnected):
         # the rest of the body is still on the connection (or never comes): do not reuse it

@@ -94,12 +94,22 @@ class Metrics:
             ["model", "version", "role", "metric"],
             registry=self.registry,
         )
+        self.validation_failures = Counter(
+            "fastserve_validation_failures",
+            "Requests whose values failed a check of the version's schema, by feature and "
+            "check (both from the schema file, so the series are bounded).",
+            ["model", "version", "feature", "check"],
+            registry=self.registry,
+        )
         self.labelled = Gauge(
             "fastserve_model_labelled_requests",
             "Requests with feedback, per version and role (what the accuracy is computed on).",
             ["model", "version", "role"],
             registry=self.registry,
         )
+
+    def validation_failed(self, model: str, version: str, feature: str, check: str) -> None:
+        self.validation_failures.labels(model, version, feature, check).inc()
 
     def model_accuracy(self, model: str, entries: list[dict[str, object]]) -> None:
         for entry in entries:
