@@ -513,12 +513,7 @@ std::unique_ptr<Batch> Batcher::NextBatch() {
       }
     }
     if (!batch) return nullptr;
-    try {
-      batch->Gather();
-      return batch;
-    } catch (const std::bad_alloc&) {
-      batch->Fail("out of memory while gathering batch " + std::to_string(batch->id()));
-    }
+    if (GatherOrFail(batch.get())) return batch;
   }
 }
 
@@ -538,12 +533,17 @@ std::unique_ptr<Batch> Batcher::TryNextBatch() {
       SignalIfReadyLocked(now);  // what is left: readable again now, or a timer for its head
       if (!batch) return nullptr;
     }
-    try {
-      batch->Gather();
-      return batch;
-    } catch (const std::bad_alloc&) {
-      batch->Fail("out of memory while gathering batch " + std::to_string(batch->id()));
-    }
+    if (GatherOrFail(batch.get())) return batch;
+  }
+}
+
+bool Batcher::GatherOrFail(Batch* batch) {
+  try {
+    batch->Gather();
+    return true;
+  } catch (const std::bad_alloc&) {
+    batch->Fail("out of memory while gathering batch " + std::to_string(batch->id()));
+    return false;
   }
 }
 

@@ -201,6 +201,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   Batcher(const BatchPolicy& policy, const int (&notify)[2], const int (&ready)[2]);
   void TimerLoop();
+  // Gathers a released batch (outside mu_); out of memory fails its requests instead (none
+  // is lost) and returns false, and the caller takes the next batch.
+  static bool GatherOrFail(Batch* batch);
   // Extracts the batch the policy releases now, if any, after expiring deadlines.
   std::unique_ptr<Batch> ReleaseLocked(int64_t now, ReleaseDecision* decision);
   // For a puller: write ready_fd if a batch can be released now, else make the timer thread

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,13 @@ class _Mirror:
     dropped: int = 0
     errors: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self, mirrored: Coroutine[Any, Any, None]) -> None:
+        """Run one mirrored request as its own task (``pending`` until it ends)."""
+        self.pending += 1
+        task = asyncio.get_running_loop().create_task(mirrored)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class PredictionLog:
@@ -236,37 +244,19 @@ class Review:
                 review.max_pending,
             )
         if mirrored:
-            assert shadow is not None and prediction is not None
-            self._start_mirror(
-                config, model, shadow, request_id, arrays, outputs, prediction, latency_ms
-            )
+            assert shadow is not None and settings is not None and prediction is not None
+            mirror = self._mirrors.setdefault(model.name, _Mirror())
+            if mirror.pending >= settings.max_pending:
+                mirror.dropped += 1
+                self.metrics.shadow_dropped(model.name)
+            else:
+                mirror.start(
+                    self._mirror(
+                        mirror, config, model, shadow, request_id, arrays, outputs, prediction,
+                        latency_ms,
+                    )
+                )  # fmt: skip
         return parameters
-
-    def _start_mirror(
-        self,
-        config: ModelConfig,
-        model: ServedModel,
-        shadow: ServedModel,
-        request_id: str,
-        arrays: list[npt.NDArray[Any]],
-        outputs: list[npt.NDArray[Any]],
-        prediction: Prediction,
-        latency_ms: float,
-    ) -> None:
-        assert config.shadow is not None
-        mirror = self._mirrors.setdefault(model.name, _Mirror())
-        if mirror.pending >= config.shadow.max_pending:
-            mirror.dropped += 1
-            self.metrics.shadow_dropped(model.name)
-            return
-        mirror.pending += 1
-        task = asyncio.get_running_loop().create_task(
-            self._mirror(
-                mirror, config, model, shadow, request_id, arrays, outputs, prediction, latency_ms
-            )
-        )
-        mirror.tasks.add(task)
-        task.add_done_callback(mirror.tasks.discard)
 
     async def _mirror(
         self,

@@ -13,9 +13,9 @@ Two kinds of write:
   ``synchronous=NORMAL`` (in WAL mode: durable across a crash of the process, not of the
   machine). A crash loses at most the last interval of them; nobody was told they were
   stored. The buffer is bounded: past ``max_buffered`` records, new ones are dropped and
-  counted. A record may be noted as a function that builds the row, so that the work of
-  building it (reading a prediction out of the outputs, encoding it) happens on the
-  store's thread, once per flush, instead of on the request path.
+  counted. A producer with many records of one kind (predictions) can register a source
+  instead (``add_source``): the store's thread asks it for rows at each flush, so building
+  them happens there, many at once, not on the request path.
 
 Idempotency: a prediction, a comparison and a feedback are each keyed by (model, request
 id); a review item by (model, request id, reason). Writing the same one again changes
@@ -135,10 +135,6 @@ _INSERTS = {
 _RETAINED = ("predictions", "comparisons", "feedback", "review_items")
 
 
-Row = tuple[Any, ...] | Callable[[], tuple[Any, ...]]
-"""An observed record: its row, or a function that builds it on the store's thread."""
-
-
 class UnknownRequest(LookupError):
     """Feedback for a request id with no recorded prediction."""
 
@@ -166,7 +162,7 @@ class ReviewStore:
         self.max_buffered = max_buffered
         self.dropped = 0
         """Observed records dropped because the buffer was full."""
-        self._buffer: list[tuple[str, Row]] = []
+        self._buffer: list[tuple[str, tuple[Any, ...]]] = []
         self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
         self._sources: list[tuple[str, Callable[[], list[tuple[Any, ...]]]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-store")
@@ -219,9 +215,8 @@ class ReviewStore:
 
     # -- observed records (buffered) --------------------------------------------------------
 
-    def note(self, table: str, row: Row) -> None:
-        """Queue one observed record (a row, or a function that returns it) for the next
-        flush (never blocks)."""
+    def note(self, table: str, row: tuple[Any, ...]) -> None:
+        """Queue one observed record for the next flush (never blocks)."""
         with self._buffer_lock:
             if len(self._buffer) >= self.max_buffered:
                 self.dropped += 1
@@ -248,7 +243,7 @@ class ReviewStore:
             if produced:
                 rows.setdefault(table, []).extend(produced)
         for table, row in items:
-            rows.setdefault(table, []).append(row() if callable(row) else row)
+            rows.setdefault(table, []).append(row)
         if not rows:
             return
         db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
