@@ -60,9 +60,11 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 def test_layout(repo: Path) -> None:
     names = set(files_of(repo))
+    tabular = ("1/schema.yaml", "1/reference.json")
     assert names == {
         demo.STAMP_FILE,
         *(f"{m}/{f}" for m in MODELS for f in ("config.yaml", "1/model.onnx", "1/metadata.json")),
+        *(f"{m}/{f}" for m in ("breast_cancer", "scorecard") for f in tabular),
     }
     # the staging folder was renamed into place: nothing is left beside the repository
     siblings = {path.name for path in repo.parent.iterdir()}
@@ -70,8 +72,45 @@ def test_layout(repo: Path) -> None:
     assert repo.stat().st_mode & 0o755 == 0o755
 
 
-def test_build_takes_seconds(built: tuple[Path, float]) -> None:
-    assert built[1] < 30, f"building the demo repository took {built[1]:.1f} s"
+def test_the_reviewed_schema_passes_all_the_data_and_names_every_feature(repo: Path) -> None:
+    """Every row of the data set (both splits) passes the shipped schema, in pandera and in
+    the compiled form the server runs; its columns are the features in tensor order."""
+    import pandas as pd
+
+    from fastserve.datacheck import validate_frame
+    from fastserve.protocol import ModelSignature, TensorSpec
+    from fastserve.schema import load_input_schema, read_schema
+
+    split = demo.load_split("breast_cancer")
+    rows = np.concatenate([split.x_train, split.x_test])
+    for model in ("breast_cancer", "scorecard"):
+        path = repo / model / "1" / "schema.yaml"
+        schema = read_schema(path)
+        assert list(schema.columns) == list(split.feature_names)
+        frame = pd.DataFrame(rows.astype(np.float64), columns=list(split.feature_names))
+        assert validate_frame(schema, frame, source="all").ok
+        signature = ModelSignature(
+            (TensorSpec("input", "FP32", (-1, 30)),), (TensorSpec("label", "INT64", (-1,)),)
+        )
+        compiled = load_input_schema(path, signature).compiled
+        assert compiled.check(rows) == []
+        negative = rows[:3].copy()
+        negative[1, 3] = -1.0  # a negative mean area
+        (failure,) = compiled.check(negative)
+        assert (failure.feature, failure.check, failure.rows) == ("mean area", "in_range", (1,))
+
+
+def test_the_reference_profile_describes_the_training_split(repo: Path) -> None:
+    from fastserve.profiling import ReferenceProfile
+
+    split = demo.load_split("breast_cancer")
+    text = (repo / "breast_cancer" / "1" / "reference.json").read_text()
+    reference = ReferenceProfile.model_validate_json(text)
+    assert reference.rows == len(split.x_train)
+    assert [f.name for f in reference.features] == list(split.feature_names)
+    area = reference.features[3]
+    assert area.min == pytest.approx(float(split.x_train[:, 3].min()))
+    assert len(area.quantiles) == 101 and sum(area.fractions) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("model", MODELS)

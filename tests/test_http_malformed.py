@@ -10,16 +10,17 @@ from typing import Any
 
 import aiohttp
 import msgpack
-import numpy as np
 import orjson
 import pytest
 
+from fastserve.demo import example_rows
 from fastserve.server import Server
 
 pytestmark = pytest.mark.timeout(60)
 
 INFER = "/v2/models/breast_cancer/infer"
-ROW = [0.5] * 30
+EXAMPLE = example_rows("breast_cancer", 1)  # a real row: it passes the demo's value schema
+ROW = EXAMPLE[0].tolist()
 JSON = {"Content-Type": "application/json"}
 MSGPACK = {"Content-Type": "application/msgpack"}
 
@@ -41,7 +42,7 @@ def binary(
     return head + tail, {"Inference-Header-Content-Length": length or str(len(head))}
 
 
-RAW_ROW = np.full((1, 30), 0.5, "<f4").tobytes()
+RAW_ROW = EXAMPLE.astype("<f4").tobytes()
 BIN_INPUT = {
     "name": "input",
     "shape": [1, 30],

@@ -13,12 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastserve.schema import MAX_EXAMPLES, CompiledSchema, SchemaNotCompilable
+from fastserve.schema import MAX_EXAMPLES, CompiledSchema, SchemaNotCompilable, register_checks
+
+register_checks()  # fastserve's custom checks: pa.Check.finite, pa.Check.multiple_of
 
 FEATURES = ["a", "b", "c"]
 # few distinct values, bounds among them: ties with the checks' limits are common
-VALUES = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, math.nan])
-LIMITS = st.sampled_from([0.0, 1.0, 2.0])
+VALUES = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 0.1, math.nan, math.inf, -math.inf])
+LIMITS = st.sampled_from([0.0, 1.0, 2.0, 0.1])
 CHECKS = st.one_of(
     LIMITS.map(pa.Check.gt),
     LIMITS.map(pa.Check.ge),
@@ -31,10 +33,13 @@ CHECKS = st.one_of(
     ).map(lambda t: pa.Check.in_range(*sorted(t[0]), include_min=t[1], include_max=t[2])),
     st.lists(LIMITS, min_size=1, max_size=3).map(pa.Check.isin),
     st.lists(LIMITS, min_size=1, max_size=3).map(pa.Check.notin),
+    st.just(pa.Check.finite()),
+    st.sampled_from([0.5, 1.0, 2.0]).map(lambda step: pa.Check.multiple_of(step=step)),
 )
 
 
 def pandera_failures(schema: Any, batch: np.ndarray) -> dict[tuple[str, str], list[int]]:
+    # the frame keeps the batch's dtype: float32 comparisons are float32 in both
     """(feature, check name) -> failing rows, as pandera reports them."""
     try:
         schema.validate(pd.DataFrame(batch, columns=FEATURES), lazy=True)
@@ -50,9 +55,10 @@ def pandera_failures(schema: Any, batch: np.ndarray) -> dict[tuple[str, str], li
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_compiled_checks_find_exactly_what_pandera_finds(data: st.DataObject) -> None:
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
     columns = {
         name: pa.Column(
-            float,
+            dtype,
             data.draw(st.lists(CHECKS, max_size=3, unique_by=lambda c: c.name)),
             nullable=data.draw(st.booleans()),
         )
@@ -62,7 +68,7 @@ def test_compiled_checks_find_exactly_what_pandera_finds(data: st.DataObject) ->
     rows = data.draw(st.integers(1, 9))
     batch = np.array(
         data.draw(st.lists(st.lists(VALUES, min_size=3, max_size=3), min_size=rows, max_size=rows)),
-        dtype=np.float64,
+        dtype=dtype,
     )
     expected = pandera_failures(schema, batch)
     got = CompiledSchema.from_pandera(schema, FEATURES).check(batch)
@@ -101,6 +107,7 @@ def test_a_schema_in_panderas_yaml_compiles_and_reports_failures_by_feature() ->
     [
         (pa.DataFrameSchema({"a": pa.Column(float, pa.Check(lambda s: s > 0))}), "check"),
         (pa.DataFrameSchema({"zz": pa.Column(float)}), "column 'zz' is not a feature"),
+        (pa.DataFrameSchema({"a": pa.Column(str)}), "column .a.: dtype .* is not numeric"),
         (
             pa.DataFrameSchema({"a": pa.Column(float)}, checks=pa.Check(lambda df: True)),
             "dataframe-wide",

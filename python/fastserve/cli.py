@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_command(commands)
 
+    from fastserve.data_commands import add_data_commands
+
+    add_data_commands(commands)
+
     demo = commands.add_parser("demo", help="build the demo model repository and print its path")
     demo.add_argument("--out", help="folder to build it in (default: the user cache)")
     demo.add_argument("--force", action="store_true", help="rebuild even if present")

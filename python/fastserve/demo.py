@@ -16,6 +16,8 @@ Layout::
       breast_cancer/config.yaml
       breast_cancer/1/model.onnx       input FP32 [-1, 30] -> label INT64 [-1],
       breast_cancer/1/metadata.json                           probabilities FP32 [-1, 2]
+      breast_cancer/1/schema.yaml      the reviewed value schema (demo_data/), checked per request
+      breast_cancer/1/reference.json   the training split's statistics (fastserve profile)
       digits/config.yaml
       digits/1/model.onnx              image FP32 [-1, 1, 8, 8] -> label INT64 [-1],
       digits/1/metadata.json                                     probabilities FP32 [-1, 10]
@@ -49,6 +51,8 @@ import numpy.typing as npt
 import onnx
 
 from fastserve.config import MODEL_CONFIG_FILE
+from fastserve.profiling import REFERENCE_FILE, Profile, profile_frame
+from fastserve.schema import SCHEMA_FILE
 
 __all__ = [
     "DEMO_MODELS",
@@ -73,9 +77,11 @@ _DATASET: Final = {
 _SCORECARD_BINS: Final = 8
 DEMO_VERSION: Final = "1"
 """The version folder each demo model is written to."""
-DEMO_FORMAT: Final = 2
+DEMO_FORMAT: Final = 3
 """Bump when the demo models or their files change, so existing caches are rebuilt."""
 STAMP_FILE: Final = ".fastserve-demo"
+_REVIEWED_SCHEMA: Final = Path(__file__).parent / "demo_data" / "breast_cancer.schema.yaml"
+"""The breast-cancer features' schema: profiled from the training split, then reviewed."""
 METADATA_FILE: Final = "metadata.json"
 
 _SEED: Final = 0
@@ -492,6 +498,10 @@ def _write_repository(staging: Path) -> None:
             version_dir / METADATA_FILE,
             (json.dumps(trained.metadata, indent=2) + "\n").encode(),
         )
+        if _DATASET[model] == "breast_cancer":
+            _write_file(version_dir / SCHEMA_FILE, _REVIEWED_SCHEMA.read_bytes())
+            reference = _training_profile(model).reference.model_dump_json(indent=1) + "\n"
+            _write_file(version_dir / REFERENCE_FILE, reference.encode())
         config = _CONFIG_TEMPLATE.format(
             fastserve_version=__version__, description=json.dumps(trained.description)
         )
@@ -499,6 +509,15 @@ def _write_repository(staging: Path) -> None:
     # The stamp goes last: a folder with a stamp is a finished build.
     stamp = {**_stamp(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_file(staging / STAMP_FILE, (json.dumps(stamp, indent=2) + "\n").encode())
+
+
+def _training_profile(model: str) -> Profile:
+    """``fastserve profile`` of the training split (its statistics are drift's reference)."""
+    import pandas as pd
+
+    split = load_split(model)
+    frame = pd.DataFrame(split.x_train.astype(np.float64), columns=list(split.feature_names))
+    return profile_frame(frame, source=f"{split.source} (training split)")
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -9,11 +9,18 @@ compiled exactly is accepted; the tests compare both on generated data (hypothes
 
 Semantics follow pandera's: a non-nullable column fails ``not_nullable`` on NaN; the value
 checks ignore nulls (pandera's ``ignore_na``); every failing (feature, check, row) is found.
-The tensor's dtype is checked by the protocol layer, not here.
+The tensor's dtype is the model's and is checked by the protocol layer, not here; a column's
+declared dtype must be numeric (it is what offline data is coerced to by ``fastserve
+validate``).
+
+Besides pandera's built-in checks, two custom checks are registered with pandera (so they
+appear in its YAML by name, and pandera runs them offline) and compiled here:
+``finite`` (no infinity) and ``multiple_of`` (``step``; e.g. 1 for a whole-number feature).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,13 +75,35 @@ class InputSchema:
     compiled: CompiledSchema
 
 
+@functools.cache
+def register_checks() -> None:
+    """Register fastserve's custom checks with pandera (once), before a schema is read."""
+    from pandera import extensions
+
+    @extensions.register_check_method(statistics=[])  # type: ignore[untyped-decorator]
+    def finite(pandas_obj: Any) -> Any:
+        """No infinity (NaN is the nullability's business)."""
+        return np.isfinite(pandas_obj)
+
+    @extensions.register_check_method(statistics=["step"])  # type: ignore[untyped-decorator]
+    def multiple_of(pandas_obj: Any, *, step: float) -> Any:
+        """A whole number of ``step``s (1: a whole number)."""
+        return pandas_obj % step == 0
+
+
+def read_schema(path: Path) -> Any:
+    """The pandera DataFrameSchema in the YAML file at ``path``."""
+    register_checks()
+    import pandera.pandas as pa
+
+    return pa.DataFrameSchema.from_yaml(path.read_text(encoding="utf-8"))
+
+
 def load_input_schema(path: Path, signature: ModelSignature) -> InputSchema:
     """Compile the schema at ``path`` for the model's one 2-D FP32/FP64 input whose width is
     the schema's number of columns; its columns, in file order, are that input's features.
     Raises SchemaNotCompilable (or pandera's errors) when it does not fit."""
-    import pandera.pandas as pa
-
-    schema = pa.DataFrameSchema.from_yaml(path.read_text(encoding="utf-8"))
+    schema = read_schema(path)
     features = [str(name) for name in schema.columns]
     fitting = [
         (i, spec)
@@ -141,6 +170,17 @@ def _fails(name: str, stats: dict[str, Any]) -> Mask:
     if name == "notin":
         forbidden = np.asarray(list(stats["forbidden_values"]), dtype=np.float64)
         return lambda v: np.isin(v, forbidden)
+    if name == "finite":
+        return lambda v: ~np.isfinite(v)
+    if name == "multiple_of":
+        step = stats["step"]
+
+        def not_multiple(v: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+            with np.errstate(invalid="ignore"):  # inf: NaN remainder, which fails
+                whole: npt.NDArray[np.bool_] = np.remainder(v, step) == 0
+            return ~whole
+
+        return not_multiple
     raise SchemaNotCompilable(f"check '{name}' has no compiled form")
 
 
@@ -155,6 +195,8 @@ class CompiledSchema:
     def from_pandera(cls, schema: Any, features: Sequence[str]) -> CompiledSchema:
         """Compile ``schema`` (a pandera DataFrameSchema); ``features`` names the tensor's
         columns in order. Every schema column must be one of them."""
+        import pandera.dtypes
+
         position = {name: i for i, name in enumerate(features)}
         if len(position) != len(features):
             raise SchemaNotCompilable("feature names repeat")
@@ -164,6 +206,10 @@ class CompiledSchema:
         for name, column in schema.columns.items():
             if name not in position:
                 raise SchemaNotCompilable(f"column '{name}' is not a feature of the input")
+            if column.dtype is not None and not pandera.dtypes.is_numeric(column.dtype):
+                raise SchemaNotCompilable(
+                    f"column '{name}': dtype {column.dtype} is not numeric (the input is)"
+                )
             checks = []
             for check in column.checks:
                 if check.statistics is None or getattr(check, "ignore_na", True) is False:
@@ -177,6 +223,7 @@ class CompiledSchema:
     @classmethod
     def from_yaml(cls, text: str, features: Sequence[str]) -> CompiledSchema:
         """Compile a schema in pandera's YAML form."""
+        register_checks()
         import pandera.pandas as pa
 
         return cls.from_pandera(pa.DataFrameSchema.from_yaml(text), features)
