@@ -58,7 +58,7 @@ class Failure:
             "check": self.check,
             "failing_rows": self.count,
             "rows": list(self.rows),
-            "values": [None if np.isnan(v) else v for v in self.values],
+            "values": [_json_value(v) for v in self.values],
         }
 
 
@@ -248,6 +248,13 @@ class CompiledSchema:
                     mask[rows[failing]] = True
                     failures.append(_failure(feature.name, check.name, mask, values))
         return failures
+
+
+def _json_value(value: float) -> float | str | None:
+    """A value as JSON can carry it: NaN (a null) as null, infinities as strings."""
+    if np.isnan(value):
+        return None
+    return value if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
 def _failure(

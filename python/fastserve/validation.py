@@ -4,6 +4,10 @@ The codecs have already checked the request on its own terms (shapes, element co
 element types); this module checks it against the model: names, datatypes, ranks, fixed
 dimensions and the batch dimension. Its output is what the native batcher takes: one
 C-contiguous, aligned, native-endian array per model input, in the signature's order.
+
+A model whose version has a value schema also takes its tabular input by feature name: one
+V2 input per column, as MLServer's pandas codec sends a DataFrame. ``pack_features`` turns
+those into the one tensor the model takes, before anything else is checked.
 """
 
 from __future__ import annotations
@@ -15,8 +19,79 @@ import numpy.typing as npt
 
 from fastserve.errors import InvalidRequest
 from fastserve.protocol import DATATYPE_TO_NUMPY, InferenceRequest, InputTensor, ModelSignature
+from fastserve.schema import InputSchema
 
-__all__ = ["validate_inputs", "validate_outputs"]
+__all__ = ["pack_features", "validate_inputs", "validate_outputs"]
+
+_NUMERIC_KINDS = frozenset("biuf")
+_NAMED_SHOWN = 5
+"""Missing feature names an error lists."""
+
+
+def pack_features(
+    request: InferenceRequest, schema: InputSchema, signature: ModelSignature
+) -> InferenceRequest:
+    """``request`` with the schema's features, when it sends them as one input each, packed
+    into the input tensor they are the columns of; otherwise ``request`` itself.
+
+    Each feature input is ``[rows]`` or ``[rows, 1]`` of any numeric datatype (converted to
+    the tensor's, as pandas would); every feature must be there, with the same rows.
+    Inputs that are not features pass through for ``validate_inputs`` to check.
+    """
+    inputs = request.inputs
+    target = schema.input_name
+    if any(tensor.name == target for tensor in inputs):
+        return request
+    features = schema.compiled.feature_names
+    position = {name: i for i, name in enumerate(features)}
+    columns: dict[str, InputTensor] = {}
+    others = []
+    for tensor in inputs:
+        if tensor.name not in position:
+            others.append(tensor)
+        elif tensor.name in columns:
+            raise InvalidRequest(f"feature {_label(tensor.name)} appears twice")
+        else:
+            columns[tensor.name] = tensor
+    if not columns:
+        return request  # neither the tensor nor a feature: validate_inputs names what is missing
+    missing = [name for name in features if name not in columns]
+    if missing:
+        shown = ", ".join(_label(n) for n in missing[:_NAMED_SHOWN])
+        more = f" and {len(missing) - _NAMED_SHOWN} more" if len(missing) > _NAMED_SHOWN else ""
+        raise InvalidRequest(
+            f"input {_label(target)} is given by feature name, but {len(missing)} of its "
+            f"{len(features)} features are missing: {shown}{more}"
+        )
+    spec = signature.inputs[schema.input_index]
+    rows, first = -1, ""
+    packed: npt.NDArray[Any] | None = None
+    for name, tensor in columns.items():
+        label = f"feature {_label(name)}"
+        shape = tensor.shape
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidRequest(
+                f"{label}: shape {_shape_text(shape)} is not a column ([rows] or [rows, 1])"
+            )
+        if tensor.data.dtype.kind not in _NUMERIC_KINDS:
+            raise InvalidRequest(f"{label}: datatype {_clip(tensor.datatype)} is not numeric")
+        if packed is None:
+            rows, first = shape[0], label
+            packed = np.empty((rows, len(features)), dtype=DATATYPE_TO_NUMPY[spec.datatype])
+        elif shape[0] != rows:
+            raise InvalidRequest(f"{label} has {shape[0]} rows but {first} has {rows}")
+        column = packed[:, position[name]]
+        with np.errstate(over="ignore"):
+            column[...] = tensor.data.reshape(rows)
+        # as the codecs do: a value too large for the tensor's type is refused, not made inf
+        narrowed = tensor.data.dtype.kind == "f" and tensor.data.itemsize > packed.itemsize
+        if narrowed and np.count_nonzero(np.isinf(column)) != np.count_nonzero(
+            np.isinf(tensor.data)
+        ):
+            raise InvalidRequest(f"{label}: a value does not fit {spec.datatype}")
+    assert packed is not None
+    tensor = InputTensor(target, spec.datatype, packed.shape, packed)
+    return InferenceRequest([*others, tensor], request.id, request.outputs, request.parameters)
 
 
 def validate_inputs(

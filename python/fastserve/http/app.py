@@ -33,7 +33,7 @@ from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
-from fastserve.validation import validate_inputs, validate_outputs
+from fastserve.validation import pack_features, validate_inputs, validate_outputs
 
 log = logging.getLogger("fastserve.http")
 
@@ -324,9 +324,10 @@ def check_values(model: ServedModel, arrays: list[Any], state: ServerState) -> N
     schema = model.schema
     assert schema is not None
     failures = schema.compiled.check(arrays[schema.input_index])
+    metrics = state.registry.metrics
+    metrics.request_validated(model.name, model.version, not failures)
     if not failures:
         return
-    metrics = state.registry.metrics
     for failure in failures:
         metrics.validation_failed(model.name, model.version, failure.feature, failure.check)
     docs = [f.as_doc() for f in failures]
@@ -402,6 +403,8 @@ async def _infer(
         # a huge shape is refused before anything is allocated
         max_elements=len(body),
     )
+    if model.schema is not None:
+        inference = pack_features(inference, model.schema, model.signature)
     arrays = validate_inputs(
         inference, model.signature, max_batch_size=model.config.batching.max_batch_size
     )
