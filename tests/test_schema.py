@@ -71,7 +71,10 @@ def test_compiled_checks_find_exactly_what_pandera_finds(data: st.DataObject) ->
         dtype=dtype,
     )
     expected = pandera_failures(schema, batch)
-    got = CompiledSchema.from_pandera(schema, FEATURES).check(batch)
+    compiled = CompiledSchema.from_pandera(schema, FEATURES)
+    got = compiled.check(batch)
+    # the whole-batch pass and the feature-by-feature check agree too
+    assert [f.as_doc() for f in got] == [f.as_doc() for f in compiled.check_each(batch)]
     assert {(f.feature, f.check): f.count for f in got} == {k: len(v) for k, v in expected.items()}
     for failure in got:
         failing = expected[failure.feature, failure.check]

@@ -7,6 +7,12 @@ every check dispatched through pandas), far too much for the request path, so th
 compiled once into numpy expressions over the ``[rows, features]`` batch. Only what can be
 compiled exactly is accepted; the tests compare both on generated data (hypothesis).
 
+Most requests pass, so ``check`` first asks one question of the whole batch: with no NaN in
+it, every bound check (gt, ge, lt, le, eq, ne, in_range) of every feature is one numpy
+comparison per kind of bound over all the columns that have one (~10 µs for the demo's 30
+features, where one feature at a time costs ~250 µs). Only a batch that fails that, or has
+a NaN, is checked feature by feature to say exactly what failed.
+
 Semantics follow pandera's: a non-nullable column fails ``not_nullable`` on NaN; the value
 checks ignore nulls (pandera's ``ignore_na``); every failing (feature, check, row) is found.
 The tensor's dtype is the model's and is checked by the protocol layer, not here; a column's
@@ -120,10 +126,25 @@ def load_input_schema(path: Path, signature: ModelSignature) -> InputSchema:
     return InputSchema(index, spec.name, CompiledSchema.from_pandera(schema, features))
 
 
+Bound = tuple[str, float]
+"""One comparison every present value must pass: (operator name, value)."""
+
+_OPERATORS: dict[str, Callable[[Any, Any], npt.NDArray[np.bool_]]] = {
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "eq": np.equal,
+    "ne": np.not_equal,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class _Check:
     name: str
     fails: Mask
+    bounds: tuple[Bound, ...] = ()
+    """The same check as comparisons, when it is one (for the whole-batch pass)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +153,25 @@ class _Feature:
     column: int
     nullable: bool
     checks: tuple[_Check, ...]
+
+
+def _bounds(name: str, stats: dict[str, Any]) -> tuple[Bound, ...]:
+    """The comparisons a bound check is (empty for the others)."""
+    if name == "in_range":
+        low = ("ge" if stats["include_min"] else "gt", stats["min_value"])
+        return (low, ("le" if stats["include_max"] else "lt", stats["max_value"]))
+    simple = {
+        "greater_than": ("gt", "min_value"),
+        "greater_than_or_equal_to": ("ge", "min_value"),
+        "less_than": ("lt", "max_value"),
+        "less_than_or_equal_to": ("le", "max_value"),
+        "equal_to": ("eq", "value"),
+        "not_equal_to": ("ne", "value"),
+    }
+    if name in simple:
+        op, key = simple[name]
+        return ((op, stats[key]),)
+    return ()
 
 
 def _fails(name: str, stats: dict[str, Any]) -> Mask:
@@ -187,9 +227,78 @@ def _fails(name: str, stats: dict[str, Any]) -> Mask:
 class CompiledSchema:
     """A pandera DataFrameSchema over the columns of a ``[rows, features]`` tensor."""
 
-    def __init__(self, features: Sequence[_Feature]) -> None:
+    def __init__(self, features: Sequence[_Feature], *, width: int | None = None) -> None:
         self._features = tuple(features)
         self.feature_names = tuple(f.name for f in features)
+        self._width = len(self._features) if width is None else width
+        self._bounds = [
+            (op, feature.column, value)
+            for feature in self._features
+            for check in feature.checks
+            for op, value in check.bounds
+        ]
+        self._others = tuple(
+            (feature.column, check.fails)
+            for feature in self._features
+            for check in feature.checks
+            if not check.bounds
+        )
+        self._bounds_by_dtype: dict[np.dtype[Any], list[tuple[Any, Any, Any]]] = {}
+
+    def _bound_checks(self, dtype: np.dtype[Any]) -> list[tuple[Any, Any, Any]]:
+        """(operator, columns or None for a whole row, values in ``dtype``) per kind of bound.
+
+        Values are cast to the batch's dtype as a Python float is when compared with such an
+        array (NEP 50), so ties resolve as in the feature-by-feature check and in pandas.
+        Then every lower bound becomes one full-width row for ``>=`` (a strict ``x > a`` is
+        ``x >= nextafter(a, inf)`` in that dtype; the tightest bound of each column; -inf
+        where a column has none) and every upper bound one for ``<=``, each compared with
+        the batch by broadcasting. eq and ne keep their own columns. A NaN fails every
+        comparison, so a batch with one goes to the feature-by-feature check."""
+        found = self._bounds_by_dtype.get(dtype)
+        if found is not None:
+            return found
+        found = []
+        inf = np.array(np.inf, dtype)
+        rows = {"ge": np.full(self._width, -inf), "le": np.full(self._width, inf)}
+        for op in ("gt", "ge", "lt", "le", "eq", "ne"):
+            mine = [(column, value) for o, column, value in self._bounds if o == op]
+            if not mine:
+                continue
+            columns = np.array([c for c, _ in mine], dtype=np.intp)
+            with np.errstate(over="ignore"):  # a bound beyond the dtype's range: inf
+                values = np.array([v for _, v in mine], dtype=np.float64).astype(dtype)
+            if op == "gt":
+                np.maximum.at(rows["ge"], columns, np.nextafter(values, inf))
+            elif op == "ge":
+                np.maximum.at(rows["ge"], columns, values)
+            elif op == "lt":
+                np.minimum.at(rows["le"], columns, np.nextafter(values, -inf))
+            elif op == "le":
+                np.minimum.at(rows["le"], columns, values)
+            else:
+                found.append((_OPERATORS[op], columns, values))
+        # the >= row also finds a NaN (-inf where no bound: NaN fails even that), so it is
+        # there whenever a column is not nullable
+        lower = any(o in ("gt", "ge") for o, _, _ in self._bounds)
+        if lower or not all(f.nullable for f in self._features):
+            found.append((_OPERATORS["ge"], None, rows["ge"]))
+        if any(o in ("lt", "le") for o, _, _ in self._bounds):
+            found.append((_OPERATORS["le"], None, rows["le"]))
+        self._bounds_by_dtype[dtype] = found
+        return found
+
+    def _passes(self, batch: npt.NDArray[Any]) -> bool:
+        """True when no check fails anywhere in the float ``batch``; False may also mean a
+        NaN is in it (the feature-by-feature check then says what, if anything, failed)."""
+        for op, columns, values in self._bound_checks(batch.dtype):
+            part = batch if columns is None else batch[:, columns]
+            if not op(part, values).all():
+                return False
+        for column, fails in self._others:
+            if fails(batch[:, column]).any():
+                return False
+        return True
 
     @classmethod
     def from_pandera(cls, schema: Any, features: Sequence[str]) -> CompiledSchema:
@@ -214,11 +323,14 @@ class CompiledSchema:
             for check in column.checks:
                 if check.statistics is None or getattr(check, "ignore_na", True) is False:
                     raise SchemaNotCompilable(f"column '{name}': check '{check.name}'")
-                checks.append(_Check(check.name, _fails(check.name, dict(check.statistics))))
+                stats = dict(check.statistics)
+                checks.append(
+                    _Check(check.name, _fails(check.name, stats), _bounds(check.name, stats))
+                )
             compiled.append(
                 _Feature(str(name), position[name], bool(column.nullable), tuple(checks))
             )
-        return cls(compiled)
+        return cls(compiled, width=len(features))
 
     @classmethod
     def from_yaml(cls, text: str, features: Sequence[str]) -> CompiledSchema:
@@ -230,6 +342,12 @@ class CompiledSchema:
 
     def check(self, batch: npt.NDArray[Any]) -> list[Failure]:
         """Every (feature, check) that fails on some row of ``batch`` ([rows, features])."""
+        if batch.dtype.kind == "f" and batch.shape[1] == self._width and self._passes(batch):
+            return []
+        return self.check_each(batch)
+
+    def check_each(self, batch: npt.NDArray[Any]) -> list[Failure]:
+        """``check``, one feature and one check at a time (what a failing batch gets)."""
         failures = []
         for feature in self._features:
             values = batch[:, feature.column]

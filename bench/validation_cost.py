@@ -1,0 +1,111 @@
+"""What checking every request against the version's value schema costs, in one run.
+
+    python bench/validation_cost.py [--model breast_cancer|scorecard] [--duration 5]
+                                    [--repeats 5] [--connections 1 64]
+
+Two servers serve the demo model with its reviewed schema.yaml (30 features, in_range
+each), the "batching" config of bench/serving.py, ``validation: reject`` on one and
+``off`` on the other. Both are pinned to CPU 0, wrk to CPU 1; runs alternate between
+them (on, off, on, off, ...) so drift on this shared VM hits both alike, and each figure
+is the median of --repeats runs after a warm-up. A third row sends the same row by feature
+name (30 inputs of shape [1], MLServer's pandas codec) to the checking server.
+
+Target (issue 5): at most 10 % fewer requests/s and at most 0.2 ms more p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import serving  # bench/serving.py: server start, wrk, demo body
+
+
+def write_named_body(path: Path, row: list[float], names: list[str]) -> None:
+    doc = {
+        "inputs": [
+            {"name": name, "shape": [1], "datatype": "FP32", "data": [value]}
+            for name, value in zip(names, row, strict=True)
+        ]
+    }
+    path.write_text(json.dumps(doc))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=serving.TABULAR_MODELS, default="breast_cancer")
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from fastserve.demo import build_demo_repository, example_rows, load_split
+
+    work = Path(tempfile.mkdtemp(prefix="fastserve-validation-cost-"))
+    servers: dict[str, serving.Served] = {}
+    try:
+        demo = build_demo_repository(work / "demo")
+        row = example_rows(args.model, 1)
+        packed, named = work / "packed.json", work / "named.json"
+        serving.write_body(packed, row)
+        write_named_body(named, row.ravel().tolist(), list(load_split(args.model).feature_names))
+        for mode in ("reject", "off"):
+            repo = work / mode
+            repo.mkdir()
+            shutil.copytree(demo / args.model, repo / args.model)
+            (repo / args.model / "config.yaml").write_text(
+                serving.CONFIGS["batching"] + f"validation: {mode}\n"
+            )
+            servers[mode] = serving.Served(repo)
+        cases = {
+            "reject, packed": (servers["reject"], packed),
+            "off, packed": (servers["off"], packed),
+            "reject, by name": (servers["reject"], named),
+        }
+        print(f"model {args.model} (schema: 30 features), batching config, median of "
+              f"{args.repeats} alternating {args.duration:.0f} s runs")  # fmt: skip
+        print("| validation | body | connections | req/s | p50 ms | p99 ms |")
+        print("|---|---|---:|---:|---:|---:|")
+        for connections in args.connections:
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+            for server, body in cases.values():  # warm-up, thrown away
+                serving.wrk(f"{server.url}/v2/models/{args.model}/infer", body, connections, 2)
+            for _ in range(args.repeats):
+                for name, (server, body) in cases.items():
+                    url = f"{server.url}/v2/models/{args.model}/infer"
+                    result = serving.wrk(url, body, connections, args.duration)
+                    if result["non_2xx"] or result["socket_errors"]:
+                        raise SystemExit(f"{name}: failed requests: {result}")
+                    runs[name].append(result)
+            median = {
+                name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+                for name, rs in runs.items()
+            }
+            for name, m in median.items():
+                mode, _, body_kind = name.partition(", ")
+                print(
+                    f"| {mode} | {body_kind} | {connections} | {m['rps']:,.0f} | "
+                    f"{m['p50_ms']:.3f} | {m['p99_ms']:.2f} |",
+                    flush=True,
+                )
+            on, off = median["reject, packed"], median["off, packed"]
+            print(
+                f"{connections} conn: throughput on/off = {on['rps'] / off['rps']:.3f}x "
+                f"({(1 - on['rps'] / off['rps']) * 100:+.1f} % cost), p50 added "
+                f"{on['p50_ms'] - off['p50_ms']:+.3f} ms",
+                flush=True,
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
