@@ -295,10 +295,9 @@ class CompiledSchema:
             part = batch if columns is None else batch[:, columns]
             if not op(part, values).all():
                 return False
-        for column, fails in self._others:
-            if fails(batch[:, column]).any():
-                return False
-        return True
+        return not self._others or all(
+            not fails(batch[:, column]).any() for column, fails in self._others
+        )
 
     @classmethod
     def from_pandera(cls, schema: Any, features: Sequence[str]) -> CompiledSchema:
