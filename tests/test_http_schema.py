@@ -247,11 +247,11 @@ async def test_features_by_name_answer_as_the_packed_tensor_does(
         ),
         (
             lambda ins: [{**ins[0], "shape": [2], "data": [1.0, 2.0]}, *ins[1:]],
-            "'worst symmetry' has 1 rows but feature 'worst fractal dimension' has 2",
+            "'worst fractal dimension' has 2 rows but feature 'mean radius' has 1",
         ),
         (
             lambda ins: [{**ins[0], "datatype": "FP64", "data": [1e300]}, *ins[1:]],
-            "a value does not fit FP32",
+            "a feature's value does not fit FP32",
         ),
         (lambda ins: [*ins, {**ins[0], "name": "extra"}], "unknown input 'extra'"),
     ],

@@ -244,6 +244,9 @@ class CompiledSchema:
             if not check.bounds
         )
         self._bounds_by_dtype: dict[np.dtype[Any], list[tuple[Any, Any, Any]]] = {}
+        self._nullable = np.ones(self._width, dtype=bool)
+        for feature in self._features:
+            self._nullable[feature.column] = feature.nullable
 
     def _bound_checks(self, dtype: np.dtype[Any]) -> list[tuple[Any, Any, Any]]:
         """(operator, columns or None for a whole row, values in ``dtype``) per kind of bound.
@@ -341,14 +344,38 @@ class CompiledSchema:
 
     def check(self, batch: npt.NDArray[Any]) -> list[Failure]:
         """Every (feature, check) that fails on some row of ``batch`` ([rows, features])."""
-        if batch.dtype.kind == "f" and batch.shape[1] == self._width and self._passes(batch):
+        if batch.dtype.kind != "f" or batch.shape[1] != self._width:
+            return self.check_each(batch)
+        if self._passes(batch):
             return []
-        return self.check_each(batch)
+        return self.check_each(batch, only=self._suspects(batch))
 
-    def check_each(self, batch: npt.NDArray[Any]) -> list[Failure]:
-        """``check``, one feature and one check at a time (what a failing batch gets)."""
+    def _suspects(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """Per column: might a check fail there? Exact for nullability and the bounds (the
+        rows of ``_bound_checks``, with NaN ignored as the checks ignore it), always True
+        for the other checks; so a batch with a NaN in a nullable feature, or one bad
+        value, is not checked feature by feature in full."""
+        null = np.isnan(batch)
+        suspects: npt.NDArray[np.bool_] = null.any(axis=0) & ~self._nullable
+        for op, columns, values in self._bound_checks(batch.dtype):
+            if columns is None:
+                suspects |= ~(op(batch, values) | null).all(axis=0)
+            else:
+                bad = ~(op(batch[:, columns], values) | null[:, columns]).all(axis=0)
+                suspects[columns[bad]] = True
+        for column, _ in self._others:
+            suspects[column] = True
+        return suspects
+
+    def check_each(
+        self, batch: npt.NDArray[Any], only: npt.NDArray[np.bool_] | None = None
+    ) -> list[Failure]:
+        """``check``, one feature and one check at a time (what a failing batch gets); with
+        ``only``, just the features of the columns it marks."""
         failures = []
         for feature in self._features:
+            if only is not None and not only[feature.column]:
+                continue
             values = batch[:, feature.column]
             null = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
             if not feature.nullable and null.any():

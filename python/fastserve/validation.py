@@ -64,32 +64,41 @@ def pack_features(
             f"{len(features)} features are missing: {shown}{more}"
         )
     spec = signature.inputs[schema.input_index]
-    rows, first = -1, ""
-    packed: npt.NDArray[Any] | None = None
+    first = columns[features[0]]
+    rows = first.shape[0] if first.shape else 0
     for name, tensor in columns.items():
-        label = f"feature {_label(name)}"
         shape = tensor.shape
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidRequest(
-                f"{label}: shape {_shape_text(shape)} is not a column ([rows] or [rows, 1])"
+                f"feature {_label(name)}: shape {_shape_text(shape)} is not a column "
+                "([rows] or [rows, 1])"
             )
         if tensor.data.dtype.kind not in _NUMERIC_KINDS:
-            raise InvalidRequest(f"{label}: datatype {_clip(tensor.datatype)} is not numeric")
-        if packed is None:
-            rows, first = shape[0], label
-            packed = np.empty((rows, len(features)), dtype=DATATYPE_TO_NUMPY[spec.datatype])
-        elif shape[0] != rows:
-            raise InvalidRequest(f"{label} has {shape[0]} rows but {first} has {rows}")
-        column = packed[:, position[name]]
-        with np.errstate(over="ignore"):
-            column[...] = tensor.data.reshape(rows)
-        # as the codecs do: a value too large for the tensor's type is refused, not made inf
-        narrowed = tensor.data.dtype.kind == "f" and tensor.data.itemsize > packed.itemsize
-        if narrowed and np.count_nonzero(np.isinf(column)) != np.count_nonzero(
-            np.isinf(tensor.data)
-        ):
-            raise InvalidRequest(f"{label}: a value does not fit {spec.datatype}")
-    assert packed is not None
+            raise InvalidRequest(
+                f"feature {_label(name)}: datatype {_clip(tensor.datatype)} is not numeric"
+            )
+        if shape[0] != rows:
+            raise InvalidRequest(
+                f"feature {_label(name)} has {shape[0]} rows but feature "
+                f"{_label(features[0])} has {rows}"
+            )
+    # one concatenation in feature order (numpy promotes mixed datatypes), then one
+    # conversion into the [rows, features] layout
+    stacked = np.concatenate([columns[name].data.ravel() for name in features])
+    dtype = DATATYPE_TO_NUMPY[spec.datatype]
+    with np.errstate(over="ignore"):
+        packed = np.ascontiguousarray(stacked.reshape(len(features), rows).T, dtype=dtype)
+    # as the codecs do: a value too large for the tensor's datatype is refused, not made inf
+    if (
+        packed is not stacked
+        and dtype.kind == "f"
+        and stacked.dtype.kind == "f"
+        and np.isinf(packed).any()
+        and np.count_nonzero(np.isinf(packed)) != np.count_nonzero(np.isinf(stacked))
+    ):
+        raise InvalidRequest(
+            f"input {_label(target)}: a feature's value does not fit {spec.datatype}"
+        )
     tensor = InputTensor(target, spec.datatype, packed.shape, packed)
     return InferenceRequest([*others, tensor], request.id, request.outputs, request.parameters)
 
