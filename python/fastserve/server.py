@@ -12,6 +12,7 @@ from aiohttp import web
 from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
+from fastserve.monitoring.serving import ServingCollector
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.review.store import ReviewStore
@@ -32,6 +33,9 @@ class Server:
         self.config = config
         self.registry = Registry(config.repository, retire_timeout_s=config.retire_timeout_s)
         self.state = ServerState(config, self.registry)
+        self.registry.metrics.registry.register(
+            ServingCollector(self.registry.models, lambda: self.state.inflight)
+        )
         self.review = Review(
             ReviewStore(config.state_path, retention_days=config.retention_days),
             self.registry.metrics,

@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 RELEASE_REASONS = ("full", "preferred", "delay", "drain")
 """Why the core released a batch; it counts each as ``batches_<reason>``."""
+
+LATENCY_BUCKETS_S: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+"""Upper bounds of the latency histograms: 50 µs to 10 s."""
+_LATENCY_BUCKETS_NS: Final = tuple(round(b * 1e9) for b in LATENCY_BUCKETS_S)
+STAGES: Final = ("request", "decode", "validation", "queue", "compute", "encode")
+"""What a request's time is split into: ``request`` is all of it, from its head arriving
+to its answer built; the others are its parts (the rest is reading the body and the
+event loop's own work)."""
+
+
+class LatencyHistogram:
+    """A Prometheus histogram's counts, kept as plain ints: ``observe`` is one bisect and
+    two additions (~0.3 µs, against ~2 µs for a prometheus-client ``observe`` with labels),
+    and the exposition is built at scrape time."""
+
+    __slots__ = ("counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS_NS) + 1)  # the last one: above every bound
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect.bisect_left(_LATENCY_BUCKETS_NS, ns)] += 1
+        self.sum_ns += ns
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count) pairs as Prometheus wants them, ending with +Inf."""
+        out, total = [], 0
+        for bound, count in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 def _duration(count: int, ns: int) -> dict[str, int]:
@@ -50,19 +86,40 @@ class RequestStats:
     rows: int = 0
     last_inference_ms: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    stages: tuple[LatencyHistogram, ...] = field(
+        default_factory=lambda: tuple(LatencyHistogram() for _ in STAGES)
+    )
+    """One histogram per stage, in the order of ``STAGES``."""
 
-    def record_success(self, rows: int, total_ns: int, queue_ns: int, compute_ns: int) -> None:
+    def record_success(
+        self,
+        rows: int,
+        total_ns: int,
+        queue_ns: int,
+        compute_ns: int,
+        decode_ns: int = 0,
+        validation_ns: int = 0,
+        encode_ns: int = 0,
+    ) -> None:
         self.success += 1
         self.success_ns += total_ns
         self.queue_ns += queue_ns
         self.compute_ns += compute_ns
         self.rows += rows
         self.last_inference_ms = int(time.time() * 1000)
+        request, decode, validation, queue, compute, encode = self.stages
+        request.observe(total_ns)
+        decode.observe(decode_ns)
+        validation.observe(validation_ns)
+        queue.observe(queue_ns)
+        compute.observe(compute_ns)
+        encode.observe(encode_ns)
 
     def record_failure(self, outcome: str, total_ns: int) -> None:
         self.fail += 1
         self.fail_ns += total_ns
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.stages[0].observe(total_ns)
 
 
 def model_statistics(

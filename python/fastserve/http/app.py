@@ -378,10 +378,8 @@ async def infer(
         model.inflight += 1
         return await _infer(request, state, model, body, started)
     except Exception as exc:
-        if isinstance(exc, FastServeError):
-            model.request_stats.record_failure(
-                http_errors.outcome_of(exc), time.perf_counter_ns() - started
-            )
+        outcome = http_errors.outcome_of(exc) if isinstance(exc, FastServeError) else "error"
+        model.request_stats.record_failure(outcome, time.perf_counter_ns() - started)
         return http_errors.response_for(exc, request)
     finally:
         if held is not None:
@@ -395,6 +393,7 @@ async def _infer(
     headers = request.headers
     # the raw header: aiohttp's parsed request.content_type costs ~6 µs on first access
     content_type = headers.get("Content-Type", "")
+    decode_start = time.perf_counter_ns()
     inference = decode_request(
         body,
         content_type,
@@ -403,6 +402,7 @@ async def _infer(
         # a huge shape is refused before anything is allocated
         max_elements=len(body),
     )
+    decoded = time.perf_counter_ns()
     if model.schema is not None:
         inference = pack_features(inference, model.schema, model.signature)
     arrays = validate_inputs(
@@ -412,6 +412,7 @@ async def _infer(
     if model.schema is not None and model.config.validation != "off":
         check_values(model, arrays, state)
     priority, timeout_us = _request_options(inference, model)
+    validated = time.perf_counter_ns()
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
 
     # every output; the codec picks (and orders) the ones the request asked for
@@ -436,10 +437,18 @@ async def _infer(
                 completion.outputs,
                 elapsed / 1e6,
             )
+    encode_start = time.perf_counter_ns()
     fmt = _response_format(request, content_type)
     payload, response_headers = encode_response(response, inference, fmt)
+    done = time.perf_counter_ns()
     model.request_stats.record_success(
-        int(arrays[0].shape[0]), elapsed, completion.queue_ns, completion.compute_ns
+        int(arrays[0].shape[0]),
+        done - started,
+        completion.queue_ns,
+        completion.compute_ns,
+        decoded - decode_start,
+        validated - decoded,
+        done - encode_start,
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):

@@ -1,0 +1,124 @@
+"""The serving metrics, read from the loaded model versions when Prometheus scrapes.
+
+The request path already keeps what Triton's statistics route reports (counts, durations,
+batches by size, the core's release reasons) plus one ``LatencyHistogram`` per stage, as
+plain ints on the event loop. This collector turns them into Prometheus families at scrape
+time, so the request path pays no prometheus-client call and nothing is counted twice.
+
+Series exist only for loaded versions (their names come from the repository, never from a
+request). A version that is unloaded takes its series with it, and one loaded again starts
+from zero: Prometheus's ``rate`` treats that as a counter reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from fastserve.stats import RELEASE_REASONS, STAGES
+
+if TYPE_CHECKING:
+    from fastserve.model import ServedModel
+
+OUTCOMES: Final = ("success", "rejected", "timeout", "invalid", "error")
+BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServingCollector(Collector):
+    """``fastserve_requests_total``, stage latencies, batch sizes, queue depth, in flight."""
+
+    def __init__(
+        self, models: Callable[[], list[ServedModel]], server_inflight: Callable[[], int]
+    ) -> None:
+        self._models = models
+        self._server_inflight = server_inflight
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        requests = CounterMetricFamily(
+            "fastserve_requests",
+            "Inference requests that reached a model version, by outcome: success, rejected "
+            "(queue full, stopping, not ready), timeout (deadline passed in the queue), "
+            "invalid (4xx), error (5xx).",
+            labels=[*labels, "outcome"],
+        )
+        rows = CounterMetricFamily(
+            "fastserve_inferred_rows", "Rows answered (a request's first dimension).", labels=labels
+        )
+        batches = CounterMetricFamily(
+            "fastserve_batches",
+            "Batches run, by why the core released them: full, preferred (a preferred size "
+            "was reached), delay (the oldest request waited max_queue_delay), drain.",
+            labels=[*labels, "reason"],
+        )
+        latency = HistogramMetricFamily(
+            "fastserve_request_duration_seconds",
+            "Inference requests from their head arriving to their answer built, every outcome.",
+            labels=labels,
+        )
+        stages = HistogramMetricFamily(
+            "fastserve_request_stage_duration_seconds",
+            "Successful requests' time by stage: decode (body to tensors), validation "
+            "(signature and value schema), queue (waiting for a batch), compute (the batch "
+            "the request was in), encode (the answer).",
+            labels=[*labels, "stage"],
+        )
+        batch_rows = HistogramMetricFamily(
+            "fastserve_batch_size_rows", "Rows in each batch run.", labels=labels
+        )
+        depth = GaugeMetricFamily(
+            "fastserve_queue_depth", "Requests waiting in the version's queue.", labels=labels
+        )
+        inflight = GaugeMetricFamily(
+            "fastserve_model_inflight_requests",
+            "Requests holding the version: between choosing it and being answered.",
+            labels=labels,
+        )
+        for model in self._models():
+            key = [model.name, model.version]
+            stats = model.request_stats
+            counts = {"success": stats.success, **stats.outcomes}
+            for outcome in OUTCOMES:
+                requests.add_metric([*key, outcome], counts.get(outcome, 0))
+            rows.add_metric(key, stats.rows)
+            core = model.batcher.core_stats()
+            for reason in RELEASE_REASONS:
+                batches.add_metric([*key, reason], core[f"batches_{reason}"])
+            for stage, histogram in zip(STAGES, stats.stages, strict=True):
+                target, extra = (latency, []) if stage == "request" else (stages, [stage])
+                target.add_metric(
+                    [*key, *extra], histogram.cumulative(), sum_value=histogram.sum_ns / 1e9
+                )
+            batch_rows.add_metric(key, *_size_buckets(model.batcher.batch_sizes.snapshot()))
+            depth.add_metric(key, model.batcher.queue_depth)
+            inflight.add_metric(key, model.inflight)
+        server = GaugeMetricFamily(
+            "fastserve_inflight_requests", "Inference requests in flight in the server."
+        )
+        server.add_metric([], self._server_inflight())
+        yield from (requests, rows, batches, latency, stages, batch_rows, depth, inflight, server)
+
+
+def _size_buckets(snapshot: list[tuple[int, int, int]]) -> tuple[list[tuple[str, int]], int]:
+    """Cumulative (le, batches) over ``BATCH_SIZE_BUCKETS`` and the rows' sum, from the exact
+    (rows, batches, compute ns) counts the batcher keeps."""
+    out, total, row_sum, i = [], 0, 0, 0
+    for bound in BATCH_SIZE_BUCKETS:
+        while i < len(snapshot) and snapshot[i][0] <= bound:
+            total += snapshot[i][1]
+            row_sum += snapshot[i][0] * snapshot[i][1]
+            i += 1
+        out.append((str(bound), total))
+    for rows, count, _ in snapshot[i:]:
+        total += count
+        row_sum += rows * count
+    out.append(("+Inf", total))
+    return out, row_sum
