@@ -3,6 +3,7 @@ happened, by stage and outcome; an unknown model creates no series; promtool acc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -32,6 +33,12 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(found: dict[Any, float], name: str, **labels: str) -> float:
     return found[name, tuple(sorted(labels.items()))]
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 async def scrape(client: aiohttp.ClientSession) -> str:
@@ -102,7 +109,5 @@ async def test_promtool_accepts_a_live_scrape(
     async with client.post(INFER, json=tabular_body(example_rows(MODEL, 1)[0])) as resp:
         assert resp.status == 200
     text = await scrape(client)
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
-    )
+    result = await asyncio.to_thread(promtool, "check", "metrics", stdin=text)
     assert result.returncode == 0, result.stdout + result.stderr
