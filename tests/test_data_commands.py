@@ -82,7 +82,7 @@ def test_profile_refuses_columns_it_cannot_use(
     code, _, err = run(capsys, "profile", str(data), "--out", str(tmp_path))
     assert code == 2 and "'site' are not numeric" in err
     code, _, err = run(capsys, "profile", str(data), "--drop", "nope", "--out", str(tmp_path))
-    assert code == 2 and "no column 'nope' to drop" in err
+    assert code == 2 and "no column 'nope' in the data" in err
     assert not (tmp_path / "schema.yaml").exists()
 
 

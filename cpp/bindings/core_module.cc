@@ -21,6 +21,7 @@
 #include "fastserve/batch_policy.h"
 #include "fastserve/batcher.h"
 #include "fastserve/cuda_info.h"
+#include "fastserve/drift.h"
 #include "fastserve/tensor.h"
 
 namespace py = pybind11;
@@ -456,6 +457,27 @@ class PyBatcher {
   }
 };
 
+// DriftSketch.update: a 2-D float32/float64 array whose rows may be strided (a column slice
+// of a wider tensor) but whose elements within a row are contiguous.
+template <typename T>
+void UpdateSketch(DriftSketch& sketch, const py::array& arr) {
+  const int64_t rows = arr.shape(0), cols = arr.shape(1);
+  if (cols > 1 && arr.strides(1) != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::value_error("drift sketch: a row's values must be contiguous");
+  }
+  if (arr.strides(0) % static_cast<py::ssize_t>(sizeof(T)) != 0) {
+    throw py::value_error("drift sketch: rows must be aligned to the element size");
+  }
+  const int64_t stride = rows > 1 ? arr.strides(0) / static_cast<py::ssize_t>(sizeof(T)) : cols;
+  const T* data = static_cast<const T*>(arr.data());
+  if (rows * cols > 4096) {
+    py::gil_scoped_release release;
+    sketch.Update(data, rows, cols, stride);
+  } else {
+    sketch.Update(data, rows, cols, stride);
+  }
+}
+
 }  // namespace
 }  // namespace fastserve
 
@@ -558,4 +580,40 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("queue_depth", &PyBatcher::queue_depth)
       .def_property_readonly("policy", &PyBatcher::policy)
       .def("stats", &PyBatcher::Stats);
+
+  py::class_<DriftSketch>(m, "DriftSketch")
+      .def(py::init([](const std::vector<std::pair<std::vector<double>, bool>>& features,
+                       int64_t window_rows) {
+             std::vector<FeatureBins> bins;
+             bins.reserve(features.size());
+             for (const auto& [edges, discrete] : features) bins.push_back({edges, discrete});
+             return std::make_unique<DriftSketch>(std::move(bins), window_rows);
+           }),
+           py::arg("features"), py::arg("window_rows"),
+           "Per-feature histograms of a [rows, features] stream: features are (edges, "
+           "discrete) pairs as in a reference profile; windows of window_rows rows.")
+      .def(
+          "update",
+          [](DriftSketch& sketch, const py::array& arr) {
+            if (arr.ndim() != 2) throw py::value_error("drift sketch: expected [rows, features]");
+            if (arr.dtype().equal(py::dtype::of<float>())) {
+              UpdateSketch<float>(sketch, arr);
+            } else if (arr.dtype().equal(py::dtype::of<double>())) {
+              UpdateSketch<double>(sketch, arr);
+            } else {
+              throw py::value_error("drift sketch: expected float32 or float64 values");
+            }
+          },
+          py::arg("values"), "Count the rows of a [rows, features] float array.")
+      .def(
+          "snapshot",
+          [](const DriftSketch& sketch) {
+            DriftSketch::Window w = sketch.Snapshot();
+            return py::make_tuple(w.rows, w.counts, w.nulls);
+          },
+          "(rows, counts[feature][bin], nulls[feature]) of the last complete window, or "
+          "of the current one before the first is complete.")
+      .def_property_readonly("total_rows", &DriftSketch::total_rows)
+      .def_property_readonly("window_rows", &DriftSketch::window_rows)
+      .def_property_readonly("num_features", &DriftSketch::num_features);
 }

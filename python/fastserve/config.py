@@ -164,6 +164,22 @@ class PromotionGate(_Strict):
     """The shadow's p99 latency may exceed the primary's by this fraction at most."""
 
 
+class DriftConfig(_Strict):
+    """Drift of live inputs against the version's ``reference.json`` (when it has one)."""
+
+    enabled: bool = True
+    window_rows: int = Field(1000, ge=1, le=100_000_000)
+    """Rows per window; drift is measured over the last complete one."""
+    min_rows: int = Field(100, ge=1)
+    """Before the first window is complete, drift is reported once this many rows came."""
+
+    @model_validator(mode="after")
+    def _check_rows(self) -> DriftConfig:
+        if self.min_rows > self.window_rows:
+            raise ValueError(f"min_rows {self.min_rows} is above window_rows {self.window_rows}")
+        return self
+
+
 class ModelConfig(_Strict):
     """The ``config.yaml`` of one model folder."""
 
@@ -190,6 +206,7 @@ class ModelConfig(_Strict):
     task: Literal["auto", "classifier", "regressor"] = "auto"
     """How predictions are read for shadow comparison, review and accuracy: a classifier
     by its [rows, classes] probabilities, a regressor by its one float output."""
+    drift: DriftConfig = DriftConfig()
     shadow: ShadowConfig | None = None
     review: ReviewConfig = ReviewConfig()
     promotion: PromotionGate = PromotionGate()

@@ -59,14 +59,16 @@ def _profile(args: argparse.Namespace) -> int:
     if not args.force and (out / SCHEMA_FILE).exists():
         raise _Refused(f"{out / SCHEMA_FILE} exists (--force replaces it)")
     frame = read_table(Path(args.data), args.format)
-    missing = [c for c in args.drop if c not in frame.columns]
+    named = [*args.drop, *([args.predictions] if args.predictions else [])]
+    missing = [c for c in named if c not in frame.columns]
     if missing:
-        raise _Refused(f"no column {', '.join(map(repr, missing))} to drop")
+        raise _Refused(f"no column {', '.join(map(repr, missing))} in the data")
     try:
         profile = profile_frame(
-            frame.drop(columns=args.drop),
+            frame.drop(columns=named),
             source=Path(args.data).name,
             discrete_max=args.discrete_max,
+            predictions=None if args.predictions is None else frame[args.predictions].to_numpy(),
         )
     except ProfileError as exc:
         raise _Refused(f"{args.data}: {exc}") from None
@@ -134,6 +136,12 @@ def add_data_commands(commands: Any) -> None:
     profile.add_argument("--format", choices=FORMATS, help="file format (default: from suffix)")
     profile.add_argument(
         "--drop", action="append", default=[], metavar="COLUMN", help="leave out (repeatable)"
+    )
+    profile.add_argument(
+        "--predictions",
+        metavar="COLUMN",
+        help="column holding the model's answers on these rows (class index or value): "
+        "the reference for prediction drift; not a feature",
     )
     profile.add_argument("--out", default=".", help="folder to write into, e.g. a version folder")
     profile.add_argument(

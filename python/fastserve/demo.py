@@ -77,7 +77,7 @@ _DATASET: Final = {
 _SCORECARD_BINS: Final = 8
 DEMO_VERSION: Final = "1"
 """The version folder each demo model is written to."""
-DEMO_FORMAT: Final = 3
+DEMO_FORMAT: Final = 4
 """Bump when the demo models or their files change, so existing caches are rebuilt."""
 STAMP_FILE: Final = ".fastserve-demo"
 _REVIEWED_SCHEMA: Final = Path(__file__).parent / "demo_data" / "breast_cancer.schema.yaml"
@@ -500,7 +500,8 @@ def _write_repository(staging: Path) -> None:
         )
         if _DATASET[model] == "breast_cancer":
             _write_file(version_dir / SCHEMA_FILE, _REVIEWED_SCHEMA.read_bytes())
-            reference = _training_profile(model).reference.model_dump_json(indent=1) + "\n"
+            profile = _training_profile(model, trained.estimator)
+            reference = profile.reference.model_dump_json(indent=1) + "\n"
             _write_file(version_dir / REFERENCE_FILE, reference.encode())
         config = _CONFIG_TEMPLATE.format(
             fastserve_version=__version__, description=json.dumps(trained.description)
@@ -511,13 +512,18 @@ def _write_repository(staging: Path) -> None:
     _write_file(staging / STAMP_FILE, (json.dumps(stamp, indent=2) + "\n").encode())
 
 
-def _training_profile(model: str) -> Profile:
-    """``fastserve profile`` of the training split (its statistics are drift's reference)."""
+def _training_profile(model: str, estimator: Any) -> Profile:
+    """``fastserve profile`` of the training split with the model's answers on it: drift's
+    reference, for the inputs and for the predictions."""
     import pandas as pd
 
     split = load_split(model)
     frame = pd.DataFrame(split.x_train.astype(np.float64), columns=list(split.feature_names))
-    return profile_frame(frame, source=f"{split.source} (training split)")
+    return profile_frame(
+        frame,
+        source=f"{split.source} (training split)",
+        predictions=estimator.predict(split.x_train),
+    )
 
 
 def _write_file(path: Path, data: bytes) -> None:

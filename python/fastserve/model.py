@@ -13,6 +13,8 @@ from fastserve.backends.onnxruntime import CPU, OnnxRuntimeSession
 from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
+from fastserve.monitoring.drift import DriftMonitor, load_drift_monitor
+from fastserve.profiling import REFERENCE_FILE
 from fastserve.protocol import ModelSignature
 from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema
 from fastserve.stats import RequestStats, model_statistics
@@ -54,6 +56,8 @@ class ServedModel:
     batcher: ModelBatcher
     schema: InputSchema | None = None
     """The version's value schema (its ``schema.yaml``), compiled."""
+    drift: DriftMonitor | None = None
+    """Live inputs against the version's ``reference.json``."""
     request_stats: RequestStats = field(default_factory=RequestStats)
     inflight: int = 0
     """Requests holding this version between choosing it and answering (event loop only)."""
@@ -88,6 +92,14 @@ class ServedModel:
                     session.warmup(config.batching.max_batch_size)
                 except Exception as exc:
                     raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
+        drift = None
+        reference_file = model_file.parent / REFERENCE_FILE
+        if config.drift.enabled and reference_file.exists():
+            try:
+                drift = load_drift_monitor(reference_file, signature, schema, config)
+            except Exception as exc:  # a bad file refuses the load, as a bad schema does
+                problem = _short(f"{exc.__class__.__name__}: {exc}")
+                raise ModelLoadError(name, version, f"{REFERENCE_FILE}: {problem}") from None
         execution = resolve_execution(config, sessions[0].provider)
         batcher = ModelBatcher(
             f"{name}:{version}", config.batching, [s.run for s in sessions], execution
@@ -100,7 +112,7 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
-        return cls(name, version, config, signature, sessions, batcher, schema)
+        return cls(name, version, config, signature, sessions, batcher, schema, drift)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.batcher.start(loop)

@@ -83,6 +83,9 @@ class ReferenceProfile(_Frozen):
     """When (UTC, ISO 8601)."""
     rows: int
     features: tuple[FeatureReference, ...]
+    predictions: FeatureReference | None = None
+    """The model's answers on the reference data (predicted class or value), when given:
+    what prediction drift is measured against."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,15 @@ class Profile:
         return schema_path, reference_path
 
 
-def profile_frame(frame: pd.DataFrame, *, source: str, discrete_max: int = DISCRETE_MAX) -> Profile:
-    """Profile every column of ``frame`` (drop labels and ids first)."""
+def profile_frame(
+    frame: pd.DataFrame,
+    *,
+    source: str,
+    discrete_max: int = DISCRETE_MAX,
+    predictions: npt.ArrayLike | None = None,
+) -> Profile:
+    """Profile every column of ``frame`` (drop labels and ids first); ``predictions`` are
+    the model's answers on these rows (a class index or a value each), when known."""
     import pandas as pd
     import pandera.pandas as pa
 
@@ -136,7 +146,7 @@ def profile_frame(frame: pd.DataFrame, *, source: str, discrete_max: int = DISCR
         if present.size == 0:
             raise ProfileError(f"column {name!r} has no values")
         distinct = np.unique(present)
-        discrete = len(distinct) <= discrete_max and bool(np.all(distinct == np.round(distinct)))
+        discrete = _is_discrete(distinct, discrete_max)
         column = inferred.columns[name]
         if discrete:
             column = column.set_checks([pa.Check.isin([_plain(v) for v in distinct])])
@@ -148,8 +158,26 @@ def profile_frame(frame: pd.DataFrame, *, source: str, discrete_max: int = DISCR
         created=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         rows=len(frame),
         features=tuple(features),
+        predictions=(
+            None if predictions is None else _summary("prediction", predictions, discrete_max)
+        ),
     )
     return Profile(schema, reference)
+
+
+def _is_discrete(distinct: npt.NDArray[np.float64], discrete_max: int) -> bool:
+    return len(distinct) <= discrete_max and bool(np.all(distinct == np.round(distinct)))
+
+
+def _summary(name: str, data: npt.ArrayLike, discrete_max: int) -> FeatureReference:
+    """The reference of one column of values (discrete when few distinct whole numbers)."""
+    values = np.asarray(data, dtype=np.float64).reshape(-1)
+    present = values[~np.isnan(values)]
+    if present.size == 0:
+        raise ProfileError(f"{name!r} has no values")
+    distinct = np.unique(present)
+    discrete = _is_discrete(distinct, discrete_max)
+    return _reference(name, values, present, distinct if discrete else None)
 
 
 def _plain(value: float) -> float | int:

@@ -111,19 +111,25 @@ def load_input_schema(path: Path, signature: ModelSignature) -> InputSchema:
     Raises SchemaNotCompilable (or pandera's errors) when it does not fit."""
     schema = read_schema(path)
     features = [str(name) for name in schema.columns]
+    index = feature_input(signature, len(features))
+    compiled = CompiledSchema.from_pandera(schema, features)
+    return InputSchema(index, signature.inputs[index].name, compiled)
+
+
+def feature_input(signature: ModelSignature, width: int) -> int:
+    """The index of the model's one 2-D FP32/FP64 input ``width`` columns wide: the input
+    whose columns a schema's (or a reference profile's) features are."""
     fitting = [
-        (i, spec)
+        i
         for i, spec in enumerate(signature.inputs)
-        if spec.datatype in ("FP32", "FP64") and len(spec.shape) == 2
-        and spec.shape[1] == len(features)
-    ]  # fmt: skip
+        if spec.datatype in ("FP32", "FP64") and len(spec.shape) == 2 and spec.shape[1] == width
+    ]
     if len(fitting) != 1:
         raise SchemaNotCompilable(
-            f"{len(features)} columns fit {len(fitting)} of the model's inputs (need exactly "
+            f"{width} columns fit {len(fitting)} of the model's inputs (need exactly "
             "one 2-D float input that wide)"
         )
-    index, spec = fitting[0]
-    return InputSchema(index, spec.name, CompiledSchema.from_pandera(schema, features))
+    return fitting[0]
 
 
 Bound = tuple[str, float]

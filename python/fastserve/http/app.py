@@ -23,7 +23,13 @@ from aiohttp import web
 
 from fastserve import __version__
 from fastserve.config import ServerConfig
-from fastserve.errors import FastServeError, InvalidRequest, SchemaViolation, ServerStopping
+from fastserve.errors import (
+    FastServeError,
+    InvalidRequest,
+    RecordNotFound,
+    SchemaViolation,
+    ServerStopping,
+)
 from fastserve.http import admin, review_routes
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
@@ -97,7 +103,9 @@ Handler = Callable[
 ]
 """(request, state, model name or None, version or None) -> response"""
 
-_MODEL_ACTIONS = ("ready", "config", "stats", "infer", "feedback", "shadow", "accuracy")
+_MODEL_ACTIONS = (
+    "ready", "config", "stats", "infer", "feedback", "shadow", "accuracy", "drift",
+)  # fmt: skip
 
 
 def resolve(path: str) -> tuple[str, str | None, str | None] | None:
@@ -160,6 +168,7 @@ class Dispatcher:
             "metrics": metrics,
             "shadow": review_routes.shadow_summary,
             "accuracy": review_routes.accuracy,
+            "drift": model_drift,
         }
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -292,6 +301,20 @@ async def model_stats(
     return _json({"model_stats": [m.statistics() for m in models]})
 
 
+async def model_drift(
+    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
+) -> web.Response:
+    """``GET /v2/models/{m}[/versions/{v}]/drift``: live inputs against the reference."""
+    served = state.registry.get(str(model), version)
+    if served.drift is None:
+        raise RecordNotFound(
+            f"model '{served.label}' has no reference profile (reference.json): drift is "
+            "not measured"
+        )
+    return _json({"model_name": served.name, "model_version": served.version,
+                  **served.drift.report()})  # fmt: skip
+
+
 async def metrics(
     request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
 ) -> web.Response:
@@ -411,10 +434,15 @@ async def _infer(
     validate_outputs(inference, model.signature)
     if model.schema is not None and model.config.validation != "off":
         check_values(model, arrays, state)
+    drift = model.drift
+    if drift is not None:
+        drift.observe(arrays[drift.input_index])
     priority, timeout_us = _request_options(inference, model)
     validated = time.perf_counter_ns()
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
 
+    if drift is not None:
+        drift.observe_outputs(completion.outputs)
     # every output; the codec picks (and orders) the ones the request asked for
     outputs = [
         OutputTensor(spec.name, spec.datatype, array)

@@ -77,6 +77,11 @@ class ServingCollector(Collector):
         depth = GaugeMetricFamily(
             "fastserve_queue_depth", "Requests waiting in the version's queue.", labels=labels
         )
+        capacity = GaugeMetricFamily(
+            "fastserve_queue_capacity",
+            "The version's max_queue_size: queued requests beyond it get 503 at once.",
+            labels=labels,
+        )
         inflight = GaugeMetricFamily(
             "fastserve_model_inflight_requests",
             "Requests holding the version: between choosing it and being answered.",
@@ -99,12 +104,16 @@ class ServingCollector(Collector):
                 )
             batch_rows.add_metric(key, *_size_buckets(model.batcher.batch_sizes.snapshot()))
             depth.add_metric(key, model.batcher.queue_depth)
+            capacity.add_metric(key, model.config.batching.max_queue_size)
             inflight.add_metric(key, model.inflight)
+        yield from _drift_families(self._models())
         server = GaugeMetricFamily(
             "fastserve_inflight_requests", "Inference requests in flight in the server."
         )
         server.add_metric([], self._server_inflight())
-        yield from (requests, rows, batches, latency, stages, batch_rows, depth, inflight, server)
+        yield from (
+            requests, rows, batches, latency, stages, batch_rows, depth, capacity, inflight, server
+        )  # fmt: skip
 
 
 def _size_buckets(snapshot: list[tuple[int, int, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -122,3 +131,40 @@ def _size_buckets(snapshot: list[tuple[int, int, int]]) -> tuple[list[tuple[str,
         row_sum += rows * count
     out.append(("+Inf", total))
     return out, row_sum
+
+
+def _drift_families(models: list[ServedModel]) -> Iterator[Metric]:
+    """Drift gauges of the versions with a reference profile, once their window has rows
+    enough (features and methods come from the reference: bounded)."""
+    features = GaugeMetricFamily(
+        "fastserve_feature_drift",
+        "Per feature, the last window of live inputs against the version's reference "
+        "profile: method psi (continuous features; > 0.25 is drift) or jensen_shannon "
+        "(discrete features, 0..1).",
+        labels=["model", "version", "feature", "method"],
+    )
+    predictions = GaugeMetricFamily(
+        "fastserve_prediction_drift",
+        "The last window's predicted classes or values against the reference's.",
+        labels=["model", "version", "method"],
+    )
+    window = GaugeMetricFamily(
+        "fastserve_drift_window_rows",
+        "Rows in the window the drift gauges were computed on.",
+        labels=["model", "version"],
+    )
+    for model in models:
+        monitor = model.drift
+        if monitor is None:
+            continue
+        found = monitor.features()
+        if found is None:
+            continue
+        key = [model.name, model.version]
+        window.add_metric(key, found[0].rows if found else 0)
+        for feature in found:
+            features.add_metric([*key, feature.feature, feature.method], feature.value)
+        predicted = monitor.predictions()
+        if predicted is not None:
+            predictions.add_metric([*key, predicted.method], predicted.value)
+    yield from (features, predictions, window)
