@@ -84,3 +84,33 @@ def test_review_items_show_float32_values_as_their_shortest_decimal() -> None:
     doc = tensor_doc(np.array([[14.99, 0.1]], np.float32))
     assert doc == {"datatype": "float32", "shape": [1, 2], "data": [[14.99, 0.1]]}
     assert tensor_doc(np.array([3, 4]))["data"] == [3, 4]
+
+
+def test_accuracy_windows_coverage_delay_and_regression_errors() -> None:
+    import json
+
+    from fastserve.review.service import accuracy_windows
+
+    now = 1_000_000.0
+    rows = []
+    # 1,200 labelled requests of a classifier, newest first: the newest 1,000 all right, the
+    # 200 before them all wrong; only the first 10 were labelled within the hour
+    for i in range(1200):
+        labelled_at = now - (i * 10 if i < 10 else 4000 + i)
+        right = i < 1000
+        rows.append(
+            ("primary", "1", "[1]", "[1]" if right else "[0]", labelled_at, labelled_at - 30)
+        )
+    entry = accuracy_windows(rows, {("primary", "1"): 2400}, now)["primary:1"]
+    assert entry["labelled"] == 1200 and entry["value"] == pytest.approx(1000 / 1200)
+    assert entry["windows"]["last_1000"] == {"labelled": 1000, "rows": 1000, "metric": "accuracy",
+                                             "value": 1.0}  # fmt: skip
+    assert entry["windows"]["1h"]["labelled"] == 10
+    assert entry["coverage"] == 0.5 and entry["label_delay_p50_s"] == pytest.approx(30)
+
+    regression = [("primary", "2", json.dumps([p]), json.dumps([y]), now, now - 5)
+                  for p, y in ((1.0, 0.0), (3.0, 0.0))]  # fmt: skip
+    entry = accuracy_windows(regression, {}, now)["primary:2"]
+    assert entry["metric"] == "mean_absolute_error" and entry["value"] == pytest.approx(2.0)
+    assert entry["root_mean_squared_error"] == pytest.approx((5.0) ** 0.5)
+    assert entry["coverage"] is None  # no count of recorded predictions given

@@ -140,10 +140,21 @@ async def test_feedback_is_idempotent_validated_and_counts_toward_accuracy(repo:
     accuracy = float((predicted == truth).mean())
     assert entry["version"] == "1" and entry["labelled"] == 20
     assert entry["value"] == pytest.approx(accuracy)
+    # every label is among the last 1,000 and came within the hour: the windows agree
+    for window in ("last_1000", "1h"):
+        assert entry["windows"][window]["labelled"] == 20
+        assert entry["windows"][window]["value"] == pytest.approx(accuracy)
+    assert entry["coverage"] == 1.0  # 20 predictions recorded, 20 labelled
+    assert 0 <= entry["label_delay_p50_s"] < 60
+    for window in ("all", "last_1000", "1h"):
+        assert (
+            'fastserve_model_accuracy{metric="accuracy",model="breast_cancer",role="primary",'
+            f'version="1",window="{window}"}} {accuracy}'
+        ) in metrics
     assert (
-        'fastserve_model_accuracy{metric="accuracy",model="breast_cancer",role="primary",'
-        f'version="1"}} {accuracy}'
+        'fastserve_label_coverage{model="breast_cancer",role="primary",version="1"} 1.0'
     ) in metrics
+    assert 'fastserve_label_delay_seconds_count{model="breast_cancer"} 20.0' in metrics
     assert (
         'fastserve_model_labelled_requests{model="breast_cancer",role="primary",version="1"} 20.0'
     ) in metrics

@@ -90,9 +90,11 @@ class Metrics:
         self.accuracy = Gauge(
             "fastserve_model_accuracy",
             "From feedback: the share of labelled rows a version got right (classifiers) or "
-            "its mean absolute error (regressors, metric=mean_absolute_error); role primary: "
-            "the answers clients got, shadow: the mirrored ones.",
-            ["model", "version", "role", "metric"],
+            "its mean absolute error and root mean squared error (regressors); role primary: "
+            "the answers clients got, shadow: the mirrored ones; window all (every label "
+            "kept), last_1000 (the last 1,000 labelled requests) or 1h (labels of the last "
+            "hour).",
+            ["model", "version", "role", "metric", "window"],
             registry=self.registry,
         )
         self.validation_failures = Counter(
@@ -110,6 +112,19 @@ class Metrics:
             registry=self.registry,
         )
         self._validated: dict[tuple[str, str, bool], Any] = {}
+        self.coverage = Gauge(
+            "fastserve_label_coverage",
+            "Labelled requests over recorded predictions, per version and role.",
+            ["model", "version", "role"],
+            registry=self.registry,
+        )
+        self.label_delay_seconds = Histogram(
+            "fastserve_label_delay_seconds",
+            "Time from a prediction to its first feedback label.",
+            ["model"],
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
+            registry=self.registry,
+        )
         self.labelled = Gauge(
             "fastserve_model_labelled_requests",
             "Requests with feedback, per version and role (what the accuracy is computed on).",
@@ -130,14 +145,26 @@ class Metrics:
             )
         child.inc()
 
-    def model_accuracy(self, model: str, entries: list[dict[str, object]]) -> None:
+    def model_accuracy(self, model: str, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
             version, role = str(entry["version"]), str(entry["role"])
-            if entry["value"] is not None:
-                self.accuracy.labels(model, version, role, str(entry["metric"])).set(
-                    float(entry["value"])  # type: ignore[arg-type]
-                )
-            self.labelled.labels(model, version, role).set(float(entry["labelled"]))  # type: ignore[arg-type]
+            windows = {"all": entry, **entry.get("windows", {})}
+            for window, figures in windows.items():
+                if figures.get("value") is None:
+                    continue
+                metric = str(figures.get("metric", entry["metric"]))
+                self.accuracy.labels(model, version, role, metric, window).set(figures["value"])
+                rmse = figures.get("root_mean_squared_error")
+                if rmse is not None:
+                    self.accuracy.labels(
+                        model, version, role, "root_mean_squared_error", window
+                    ).set(rmse)
+            self.labelled.labels(model, version, role).set(float(entry["labelled"]))
+            if entry.get("coverage") is not None:
+                self.coverage.labels(model, version, role).set(entry["coverage"])
+
+    def label_delay(self, model: str, seconds: float) -> None:
+        self.label_delay_seconds.labels(model).observe(seconds)
 
     def shadow_compared(
         self, model: str, result: str, primary_ms: float, shadow_ms: float | None

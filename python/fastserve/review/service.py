@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -419,18 +419,28 @@ class Review:
             raise Unavailable("feedback not recorded: the review store failed") from None
         if result.outcome != "unchanged":
             self.metrics.feedback(model.name, result.outcome)
+        if result.outcome == "recorded":
+            self.metrics.label_delay(model.name, max(0.0, time.time() - result.predicted_at))
         return {"id": request_id, "model_name": model.name, "recorded": result.outcome}
 
     async def accuracy(self, name: str) -> dict[str, dict[str, Any]]:
         """Per (role, version): labelled requests and accuracy (classifiers: share of rows
-        right; regressors: mean absolute error)."""
+        right; regressors: mean absolute and root mean squared error) over every label kept,
+        with ``windows`` (the last 1,000 labelled requests, the labels of the last hour),
+        ``coverage`` (labelled / recorded predictions) and the median label delay."""
         rows = await self.store.query(
-            "SELECT p.role, p.version, p.prediction, f.label FROM feedback f "
+            "SELECT p.role, p.version, p.prediction, f.label, f.created, p.created "
+            "FROM feedback f "
             "JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
-            "WHERE f.model = ?",
+            "WHERE f.model = ? ORDER BY f.created DESC",
             (name,),
         )
-        return summarize_accuracy(rows)
+        recorded = await self.store.query(
+            "SELECT role, version, COUNT(*) FROM predictions WHERE model = ? "
+            "GROUP BY role, version",
+            (name,),
+        )
+        return accuracy_windows(rows, {(r, v): n for r, v, n in recorded}, time.time())
 
     async def refresh_metrics(self, names: set[str], every_s: float = 15.0) -> None:
         """Set the accuracy gauges from the store (at most once per ``every_s``; called when
@@ -657,6 +667,42 @@ def _is_label(value: Any, task: str | None) -> bool:
     return task != "classifier" and type(value) is float and math.isfinite(value)
 
 
+LAST_LABELLED: Final = 1000
+"""Window ``last_1000``: the latest labelled requests of each version and role."""
+RECENT_S: Final = 3600.0
+"""Window ``1h``: the labels received in the last hour."""
+
+
+def accuracy_windows(
+    rows: list[tuple[Any, ...]], recorded: dict[tuple[str, str], int], now: float
+) -> dict[str, dict[str, Any]]:
+    """``summarize_accuracy`` of (role, version, prediction, label, labelled at, predicted
+    at) rows, newest label first, with each entry's windows, coverage and label delay."""
+    summary = summarize_accuracy([r[:4] for r in rows])
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        groups.setdefault(f"{row[0]}:{row[1]}", []).append(row)
+    for key, entry in summary.items():
+        mine = groups[key]
+        last = mine[:LAST_LABELLED]
+        recent = [r for r in mine if r[4] >= now - RECENT_S]
+        entry["windows"] = {
+            name: _window_doc(summarize_accuracy([r[:4] for r in part]).get(key))
+            for name, part in (("last_1000", last), ("1h", recent))
+        }
+        made = recorded.get((entry["role"], entry["version"]), 0)
+        entry["coverage"] = entry["labelled"] / made if made else None
+        entry["label_delay_p50_s"] = float(np.median([r[4] - r[5] for r in mine]))
+    return summary
+
+
+def _window_doc(entry: dict[str, Any] | None) -> dict[str, Any]:
+    if entry is None:
+        return {"labelled": 0, "rows": 0, "value": None}
+    keys = ("labelled", "rows", "metric", "value", "root_mean_squared_error")
+    return {k: entry[k] for k in keys if k in entry}
+
+
 def summarize_accuracy(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
     tally: dict[str, dict[str, Any]] = {}
     for role, version, prediction_text, label_text in rows:
@@ -673,11 +719,16 @@ def summarize_accuracy(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, Any]]
             entry["_sum"] += sum(int(p == y) for p, y in zip(prediction, label, strict=True))
             entry["metric"] = "accuracy"
         else:
-            entry["_sum"] += sum(abs(p - y) for p, y in zip(prediction, label, strict=True))
+            pairs = list(zip(prediction, label, strict=True))
+            entry["_sum"] += sum(abs(p - y) for p, y in pairs)
+            entry["_squares"] = entry.get("_squares", 0.0) + sum((p - y) ** 2 for p, y in pairs)
             entry["metric"] = "mean_absolute_error"
     for entry in tally.values():
         total = entry.pop("_sum")
+        squares = entry.pop("_squares", None)
         entry["value"] = total / entry["rows"] if entry["rows"] else None
+        if squares is not None and entry["rows"]:
+            entry["root_mean_squared_error"] = math.sqrt(squares / entry["rows"])
     return tally
 
 

@@ -143,6 +143,8 @@ class UnknownRequest(LookupError):
 class FeedbackResult:
     outcome: str  # 'recorded', 'unchanged' (the same label again) or 'updated'
     version: str
+    predicted_at: float = 0.0
+    """When the labelled prediction was made (Unix time): the label's delay is now minus it."""
 
 
 class ReviewStore:
@@ -299,7 +301,7 @@ class ReviewStore:
         text = json.dumps(label)
         with _transaction(db):
             found = db.execute(
-                "SELECT version FROM predictions WHERE model = ? AND request_id = ? "
+                "SELECT version, created FROM predictions WHERE model = ? AND request_id = ? "
                 "AND role = 'primary'",
                 (model, request_id),
             ).fetchone()
@@ -310,14 +312,14 @@ class ReviewStore:
                 (model, request_id),
             ).fetchone()
             if old is not None and old[0] == text:
-                return FeedbackResult("unchanged", found[0])
+                return FeedbackResult("unchanged", found[0], found[1])
             db.execute(
                 "INSERT INTO feedback VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, request_id) "
                 "DO UPDATE SET label = excluded.label, source = excluded.source, "
                 "created = excluded.created",
                 (model, request_id, text, source, time.time()),
             )
-        return FeedbackResult("recorded" if old is None else "updated", found[0])
+        return FeedbackResult("recorded" if old is None else "updated", found[0], found[1])
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of one read (after a flush, so that what was noted is seen)."""
