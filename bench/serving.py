@@ -72,7 +72,9 @@ def pinned(cpu: str) -> list[str]:
 class Served:
     """``fastserve serve REPO`` pinned to the server CPU; ``launcher`` replaces ``-m fastserve``."""
 
-    def __init__(self, repo: Path, launcher: list[str] | None = None) -> None:
+    def __init__(
+        self, repo: Path, launcher: list[str] | None = None, extra: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = launcher or [sys.executable, "-m", "fastserve"]
@@ -86,6 +88,7 @@ class Served:
                 str(repo),
                 "--port",
                 str(self.port),
+                *(extra or []),
             ],
         )
         deadline = time.monotonic() + 60
@@ -154,6 +157,26 @@ def closed_loop(
     best = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
     best["non_2xx"] = sum(r["non_2xx"] for r in runs)
     return best
+
+
+def alternate(
+    cases: dict[str, tuple[str, Path]], connections: int, duration: float, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median rps/p50/p99 of each case (name -> (url, body)) over ``repeats`` rounds that run
+    every case once, in turn, so that drift on a shared machine hits them alike."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    for url, body in cases.values():  # warm-up, thrown away
+        wrk(url, body, connections, 2)
+    for _ in range(repeats):
+        for name, (url, body) in cases.items():
+            result = wrk(url, body, connections, duration)
+            if result["non_2xx"] or result["socket_errors"]:
+                raise SystemExit(f"{name}: failed requests: {result}")
+            runs[name].append(result)
+    return {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
+        for name, rs in runs.items()
+    }
 
 
 def open_loop(url: str, body: Path, rate: float, duration: float) -> dict[str, float]:

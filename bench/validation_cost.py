@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -65,31 +64,21 @@ def main() -> None:
                 serving.CONFIGS["batching"] + f"validation: {mode}\n"
             )
             servers[server] = serving.Served(repo)
+        url = {
+            name: f"{server.url}/v2/models/{args.model}/infer" for name, server in servers.items()
+        }
         cases = {
-            "reject, packed": (servers["reject"], packed),
-            "off, packed": (servers["off"], packed),
-            "off (control), packed": (servers["control"], packed),
-            "reject, by name": (servers["reject"], named),
+            "reject, packed": (url["reject"], packed),
+            "off, packed": (url["off"], packed),
+            "off (control), packed": (url["control"], packed),
+            "reject, by name": (url["reject"], named),
         }
         print(f"model {args.model} (schema: 30 features), batching config, median of "
               f"{args.repeats} alternating {args.duration:.0f} s runs")  # fmt: skip
         print("| validation | body | connections | req/s | p50 ms | p99 ms |")
         print("|---|---|---:|---:|---:|---:|")
         for connections in args.connections:
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
-            for server, body in cases.values():  # warm-up, thrown away
-                serving.wrk(f"{server.url}/v2/models/{args.model}/infer", body, connections, 2)
-            for _ in range(args.repeats):
-                for name, (server, body) in cases.items():
-                    url = f"{server.url}/v2/models/{args.model}/infer"
-                    result = serving.wrk(url, body, connections, args.duration)
-                    if result["non_2xx"] or result["socket_errors"]:
-                        raise SystemExit(f"{name}: failed requests: {result}")
-                    runs[name].append(result)
-            median = {
-                name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
-                for name, rs in runs.items()
-            }
+            median = serving.alternate(cases, connections, args.duration, args.repeats)
             for name, m in median.items():
                 mode, _, body_kind = name.partition(", ")
                 print(

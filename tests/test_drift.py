@@ -4,6 +4,7 @@ drift API and the Prometheus gauges, with a real server and the native sketch.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,68 @@ async def test_drift_needs_a_reference_and_one_that_fits(
         (row,) = [r for r in srv.registry.index() if r.name == "scorecard"]
         assert row.state.value == "UNAVAILABLE"
         assert "reference.json" in row.reason and "schema.yaml's columns" in row.reason
+
+
+async def test_drift_alerts_reach_a_webhook_and_resolve(
+    repo: Path, server_config: ServerConfig
+) -> None:
+    """--alert-webhook: a real receiver gets Alertmanager's payload when the shifted
+    features drift, and a resolved one when the inputs look like training data again."""
+    from aiohttp import web
+
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        arrived.set()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    async def next_payload() -> dict[str, Any]:
+        await asyncio.wait_for(arrived.wait(), timeout=10)
+        arrived.clear()
+        return received[-1]
+
+    split = load_split(MODEL)
+    rows = np.array(split.x_test)
+    names = list(split.feature_names)
+    shifted = rows.copy()
+    for name, factor in SHIFTED.items():
+        shifted[:, names.index(name)] *= factor
+    write_config(repo, MODEL, f"drift:\n  window_rows: {len(rows)}\n  min_rows: {len(rows)}\n")
+    config = server_config.model_copy(
+        update={"alert_webhook": f"http://127.0.0.1:{port}/hook", "alert_interval_s": 0.2}
+    )
+    try:
+        async with (
+            running(config) as srv,
+            aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+        ):
+            await send(s, shifted)
+            firing = await next_payload()
+            assert firing["version"] == "4" and firing["status"] == "firing"
+            drifted = {
+                a["labels"]["feature"] for a in firing["alerts"]
+                if a["labels"]["alertname"] == "FastserveFeatureDrift"
+            }  # fmt: skip
+            assert drifted == set(SHIFTED)
+            for alert in firing["alerts"]:
+                assert alert["status"] == "firing" and alert["labels"]["model"] == MODEL
+                assert "drifted" in alert["annotations"]["summary"]
+            await send(s, rows)  # a window like the training data again
+            resolved = await next_payload()
+    finally:
+        await runner.cleanup()
+    assert resolved["status"] == "resolved"
+    assert {a["labels"]["feature"] for a in resolved["alerts"]} == set(SHIFTED)
+    assert all(
+        a["status"] == "resolved" and a["endsAt"] >= a["startsAt"] for a in resolved["alerts"]
+    )

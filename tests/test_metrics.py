@@ -111,3 +111,22 @@ async def test_promtool_accepts_a_live_scrape(
     text = await scrape(client)
     result = await asyncio.to_thread(promtool, "check", "metrics", stdin=text)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_without_monitoring_stages_and_drift_are_not_counted(server_config: Any) -> None:
+    from conftest import running
+
+    config = server_config.model_copy(update={"monitoring": False})
+    async with (
+        running(config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as client,
+    ):
+        async with client.post(INFER, json=tabular_body(example_rows(MODEL, 1)[0])) as resp:
+            assert resp.status == 200
+        found = samples(await scrape(client))
+        async with client.get(f"/v2/models/{MODEL}/drift") as resp:
+            drift = await resp.json()
+    key = {"model": MODEL, "version": "1"}
+    assert value(found, "fastserve_requests_total", outcome="success", **key) == 1
+    assert value(found, "fastserve_request_stage_duration_seconds_count", stage="queue", **key) == 0
+    assert drift["total_rows"] == 0

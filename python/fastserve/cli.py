@@ -70,6 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
             admin_token=_admin_token(args.admin_token_file),
             state_db=args.state_db,
             retention_days=args.retention_days,
+            monitoring=args.monitoring,
+            alert_webhook=args.alert_webhook,
+            alert_interval_s=args.alert_interval,
         )
     except ValidationError as exc:
         print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
@@ -145,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--retention-days", type=float, default=7.0, help="keep records this long (default 7)"
+    )
+    serve.add_argument(
+        "--no-monitoring",
+        dest="monitoring",
+        action="store_false",
+        help="do not time request stages or count inputs for drift",
+    )
+    serve.add_argument(
+        "--alert-webhook",
+        metavar="URL",
+        help="POST alerts computed in the server (drift, error rate) here (default: off)",
+    )
+    serve.add_argument(
+        "--alert-interval", type=float, default=30.0, help="seconds between alert evaluations"
     )
     serve.set_defaults(func=_serve)
 

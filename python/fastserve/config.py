@@ -328,6 +328,14 @@ class ServerConfig(_Strict):
     """The SQLite file of predictions, shadow comparisons, feedback, review items and
     promotion records. None: ``REPO-state.db`` beside the repository folder REPO."""
     retention_days: float = Field(7.0, gt=0, le=3650)
+    monitoring: bool = True
+    """Time each request's stages and count live inputs for drift (False: neither; the
+    counters Triton's statistics route reports are kept either way)."""
+    alert_webhook: str | None = None
+    """URL that alerts computed in the server (drift, error rate) are POSTed to, for users
+    without Alertmanager. None: off."""
+    alert_interval_s: float = Field(30.0, gt=0, le=3600)
+    """How often those alerts are evaluated."""
     """Records older than this are deleted (promotion records are kept)."""
 
     @property

@@ -12,6 +12,7 @@ from aiohttp import web
 from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
+from fastserve.monitoring.alerter import Alerter
 from fastserve.monitoring.serving import ServingCollector
 from fastserve.registry import Registry
 from fastserve.review.service import Review
@@ -43,6 +44,7 @@ class Server:
         self._runner: web.ServerRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
+        self._alerter: Alerter | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -89,6 +91,12 @@ class Server:
         )
         if self.state.admin_token is None:
             log.info("admin API disabled (no admin token configured)")
+        if config.alert_webhook:
+            self._alerter = Alerter(
+                config.alert_webhook, self.registry.models, config.alert_interval_s
+            )
+            self._alerter.start()
+            log.info("alerts go to the webhook every %.0f s", config.alert_interval_s)
 
     def _resync(self) -> None:
         if not self.state.draining:
@@ -130,6 +138,8 @@ class Server:
             await self._runner.cleanup()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._alerter is not None:
+            await self._alerter.stop()
         await self.registry.stop_all()
         await self.review.close()
         log.info("stopped")

@@ -100,6 +100,8 @@ class RequestStats:
         decode_ns: int = 0,
         validation_ns: int = 0,
         encode_ns: int = 0,
+        *,
+        stages: bool = True,
     ) -> None:
         self.success += 1
         self.success_ns += total_ns
@@ -107,6 +109,8 @@ class RequestStats:
         self.compute_ns += compute_ns
         self.rows += rows
         self.last_inference_ms = int(time.time() * 1000)
+        if not stages:
+            return
         request, decode, validation, queue, compute, encode = self.stages
         request.observe(total_ns)
         decode.observe(decode_ns)

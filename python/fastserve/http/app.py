@@ -434,7 +434,8 @@ async def _infer(
     validate_outputs(inference, model.signature)
     if model.schema is not None and model.config.validation != "off":
         check_values(model, arrays, state)
-    drift = model.drift
+    monitored = state.config.monitoring
+    drift = model.drift if monitored else None
     if drift is not None:
         drift.observe(arrays[drift.input_index])
     priority, timeout_us = _request_options(inference, model)
@@ -477,6 +478,7 @@ async def _infer(
         decoded - decode_start,
         validated - decoded,
         done - encode_start,
+        stages=monitored,
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
