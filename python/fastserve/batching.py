@@ -71,6 +71,8 @@ class ModelBatcher:
         self.execution = execution
         self.config = config
         self.batch_sizes = BatchSizes()
+        self.observer: Callable[[list[Any], list[Any]], None] | None = None
+        """Called with each batch's inputs and outputs before it is answered (drift)."""
         self._core = _core.Batcher(make_policy(config))
         self._runners = list(runners)
         self._threads: list[threading.Thread] = []
@@ -184,13 +186,25 @@ class ModelBatcher:
         rows = batch.rows
         started = time.perf_counter_ns()
         try:
-            outputs = runner(batch.inputs)
+            inputs = batch.inputs
+            outputs = runner(inputs)
+            if self.observer is not None:
+                self._observe(inputs, outputs)
             batch.complete(outputs)
         except Exception as exc:  # the error belongs to this batch's requests alone
             message = _short_error(exc)
             log.error("model %s: batch of %d rows failed: %s", self.label, rows, message)
             batch.fail(f"inference failed: {message}")
         self.batch_sizes.record(rows, time.perf_counter_ns() - started)
+
+    def _observe(self, inputs: list[Any], outputs: list[Any]) -> None:
+        observer = self.observer
+        assert observer is not None
+        try:
+            observer(inputs, outputs)
+        except Exception:  # monitoring must not fail a batch: turn it off, loudly
+            log.exception("model %s: batch observer failed; it is turned off", self.label)
+            self.observer = None
 
 
 def _short_error(exc: BaseException, limit: int = 200) -> str:

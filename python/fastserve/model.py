@@ -114,7 +114,10 @@ class ServedModel:
         )
         return cls(name, version, config, signature, sessions, batcher, schema, drift)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, *, monitoring: bool = True) -> None:
+        """Start the batcher; with ``monitoring``, each batch feeds the drift sketches."""
+        if monitoring and self.drift is not None:
+            self.batcher.observer = self.drift.observe_batch
         self.batcher.start(loop)
 
     async def stop(self) -> None:

@@ -107,9 +107,16 @@ class _Entry:
 
 class Registry:
     def __init__(
-        self, root: Path, *, metrics: Metrics | None = None, retire_timeout_s: float = 30.0
+        self,
+        root: Path,
+        *,
+        metrics: Metrics | None = None,
+        retire_timeout_s: float = 30.0,
+        monitoring: bool = True,
     ) -> None:
         self.root = root
+        self.monitoring = monitoring
+        """Loaded versions feed their drift sketches (``--no-monitoring``: not)."""
         self.metrics = metrics or Metrics()
         self.retire_timeout_s = retire_timeout_s
         self._routes: dict[str, Route] = {}
@@ -391,7 +398,7 @@ class Registry:
         fresh = await self._load_versions(entry, source, to_load, configs)
         loop = asyncio.get_running_loop()
         for loaded in fresh.values():
-            loaded.model.start(loop)
+            loaded.model.start(loop, monitoring=self.monitoring)
         new = {**keep, **fresh}
         retired = [old.model for v, old in entry.loaded.items() if new.get(v) is not old]
         route = Route(

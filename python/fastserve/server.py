@@ -32,7 +32,11 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = Registry(config.repository, retire_timeout_s=config.retire_timeout_s)
+        self.registry = Registry(
+            config.repository,
+            retire_timeout_s=config.retire_timeout_s,
+            monitoring=config.monitoring,
+        )
         self.state = ServerState(config, self.registry)
         self.registry.metrics.registry.register(
             ServingCollector(self.registry.models, lambda: self.state.inflight)

@@ -434,16 +434,11 @@ async def _infer(
     validate_outputs(inference, model.signature)
     if model.schema is not None and model.config.validation != "off":
         check_values(model, arrays, state)
-    monitored = state.config.monitoring
-    drift = model.drift if monitored else None
-    if drift is not None:
-        drift.observe(arrays[drift.input_index])
+    monitored = state.config.monitoring  # drift is fed per batch, by the batcher
     priority, timeout_us = _request_options(inference, model)
     validated = time.perf_counter_ns()
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
 
-    if drift is not None:
-        drift.observe_outputs(completion.outputs)
     # every output; the codec picks (and orders) the ones the request asked for
     outputs = [
         OutputTensor(spec.name, spec.datatype, array)

@@ -2,8 +2,8 @@
 
 A version folder's ``reference.json`` (``fastserve profile``) gives, per feature, bins and
 the training data's share in each. The request path counts live values into the same bins
-in the native core (``_core.DriftSketch``: a binary search per value, ~1 µs a request for
-30 features), over windows of ``drift.window_rows`` rows. At scrape time, or on the API,
+in the native core (``_core.DriftSketch``: a binary search per value), once per batch, not
+per request, over windows of ``drift.window_rows`` rows. At scrape time, or on the API,
 the last complete window (the current one until the first is complete, once it has
 ``drift.min_rows`` rows) is compared with the reference:
 
@@ -119,6 +119,14 @@ class DriftMonitor:
     def observe(self, inputs: npt.NDArray[Any]) -> None:
         """Count one request's (or batch's) [rows, features] input."""
         self._inputs.update(inputs)
+
+    def observe_batch(
+        self, inputs: list[npt.NDArray[Any]], outputs: list[npt.NDArray[Any]]
+    ) -> None:
+        """A batch's inputs (in signature order) and outputs: one sketch update each for
+        however many requests the batch holds (the batcher calls this)."""
+        self._inputs.update(inputs[self.input_index])
+        self.observe_outputs(outputs)
 
     def observe_outputs(self, outputs: list[npt.NDArray[Any]]) -> None:
         """Count the predicted classes (classifiers) or values (regressors) of one answer."""
