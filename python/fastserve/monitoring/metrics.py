@@ -114,7 +114,7 @@ class Metrics:
         self._validated: dict[tuple[str, str, bool], Any] = {}
         self.coverage = Gauge(
             "fastserve_label_coverage",
-            "Labelled requests over recorded predictions, per version and role.",
+            "Labelled requests over recorded predictions since the server started (primary).",
             ["model", "version", "role"],
             registry=self.registry,
         )

@@ -10,6 +10,7 @@ never waits: mirroring to the shadow runs as its own task, bounded by the shadow
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -75,6 +76,8 @@ class PredictionLog:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.dropped = 0
+        self.recorded: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """Predictions written since the server started, by (model, role, version)."""
         self._items: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
 
@@ -100,6 +103,7 @@ class PredictionLog:
         """Rows for the predictions table, for everything noted since the last drain."""
         with self._lock:
             items, self._items = self._items, []
+        self.recorded.update((item[0], item[2], item[3]) for item in items)
         groups: dict[tuple[Reading, tuple[int, ...]], list[int]] = {}
         for i, item in enumerate(items):
             reading, outputs = item[4], item[5]
@@ -152,6 +156,8 @@ class Review:
         )
         self._random = random.Random()
         self._metrics_refreshed = 0.0
+        self._labelled: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Predictions labelled since the server started, by (model, version)."""
         self._pending_items: dict[str, int] = {}
         """Unlabelled review items per model, queued or stored (bounded by max_pending)."""
 
@@ -421,6 +427,7 @@ class Review:
             self.metrics.feedback(model.name, result.outcome)
         if result.outcome == "recorded":
             self.metrics.label_delay(model.name, max(0.0, time.time() - result.predicted_at))
+            self._labelled[model.name, result.version] += 1
         return {"id": request_id, "model_name": model.name, "recorded": result.outcome}
 
     async def accuracy(self, name: str) -> dict[str, dict[str, Any]]:
@@ -428,19 +435,32 @@ class Review:
         right; regressors: mean absolute and root mean squared error) over every label kept,
         with ``windows`` (the last 1,000 labelled requests, the labels of the last hour),
         ``coverage`` (labelled / recorded predictions) and the median label delay."""
-        rows = await self.store.query(
-            "SELECT p.role, p.version, p.prediction, f.label, f.created, p.created "
-            "FROM feedback f "
-            "JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
-            "WHERE f.model = ? ORDER BY f.created DESC",
-            (name,),
-        )
-        recorded = await self.store.query(
-            "SELECT role, version, COUNT(*) FROM predictions WHERE model = ? "
-            "GROUP BY role, version",
-            (name,),
-        )
-        return accuracy_windows(rows, {(r, v): n for r, v, n in recorded}, time.time())
+        return await self._accuracy(name, count_recorded=True)
+
+    async def _accuracy(self, name: str, *, count_recorded: bool) -> dict[str, dict[str, Any]]:
+        """``accuracy``, computed on the store's thread (the labels are parsed there, not on
+        the event loop); without ``count_recorded`` (every scrape) the predictions are not
+        counted, which scans them all, and the entries have no coverage."""
+
+        def compute(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            rows = db.execute(
+                "SELECT p.role, p.version, p.prediction, f.label, f.created, p.created "
+                "FROM feedback f "
+                "JOIN predictions p ON p.model = f.model AND p.request_id = f.request_id "
+                "WHERE f.model = ? ORDER BY f.created DESC",
+                (name,),
+            ).fetchall()
+            recorded: dict[tuple[str, str], int] = {}
+            if count_recorded:
+                counts = db.execute(
+                    "SELECT role, version, COUNT(*) FROM predictions WHERE model = ? "
+                    "GROUP BY role, version",
+                    (name,),
+                ).fetchall()
+                recorded = {(role, version): n for role, version, n in counts}
+            return accuracy_windows(rows, recorded, time.time())
+
+        return await self.store.run(compute)
 
     async def refresh_metrics(self, names: set[str], every_s: float = 15.0) -> None:
         """Set the accuracy gauges from the store (at most once per ``every_s``; called when
@@ -450,7 +470,13 @@ class Review:
             return
         self._metrics_refreshed = now
         for name in sorted(names):
-            self.metrics.model_accuracy(name, list((await self.accuracy(name)).values()))
+            entries = await self._accuracy(name, count_recorded=False)
+            self.metrics.model_accuracy(name, list(entries.values()))
+        # coverage since the server started, from counters (no scan of the predictions)
+        for (model, role, version), recorded in list(self.predictions.recorded.items()):
+            if role == "primary" and recorded:
+                labelled = self._labelled[model, version]
+                self.metrics.coverage.labels(model, version, role).set(labelled / recorded)
 
     async def shadow_summary(self, name: str, config: ModelConfig, primary: str) -> dict[str, Any]:
         shadow = config.shadow
