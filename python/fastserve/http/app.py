@@ -434,7 +434,6 @@ async def _infer(
     validate_outputs(inference, model.signature)
     if model.schema is not None and model.config.validation != "off":
         check_values(model, arrays, state)
-    monitored = state.config.monitoring  # drift is fed per batch, by the batcher
     priority, timeout_us = _request_options(inference, model)
     validated = time.perf_counter_ns()
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
@@ -473,7 +472,7 @@ async def _infer(
         decoded - decode_start,
         validated - decoded,
         done - encode_start,
-        stages=monitored,
+        stages=state.config.monitoring,  # (drift is fed per batch, by the batcher)
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
