@@ -22,6 +22,7 @@
 #include "fastserve/batcher.h"
 #include "fastserve/cuda_info.h"
 #include "fastserve/drift.h"
+#include "fastserve/preprocess.h"
 #include "fastserve/tensor.h"
 
 namespace py = pybind11;
@@ -616,4 +617,66 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("total_rows", &DriftSketch::total_rows)
       .def_property_readonly("window_rows", &DriftSketch::window_rows)
       .def_property_readonly("num_features", &DriftSketch::num_features);
+
+  m.def(
+      "preprocess_images",
+      [](const py::list& images, int64_t out_h, int64_t out_w, std::vector<float> mean,
+         std::vector<float> std, const std::string& aspect, const std::string& layout,
+         int threads) {
+        ImageSpec spec;
+        spec.out_h = out_h;
+        spec.out_w = out_w;
+        spec.mean = std::move(mean);
+        spec.std = std::move(std);
+        spec.channels = static_cast<int64_t>(spec.mean.size());
+        if (aspect == "stretch") {
+          spec.aspect = Aspect::kStretch;
+        } else if (aspect == "shorter_side") {
+          spec.aspect = Aspect::kShorterSide;
+        } else {
+          throw py::value_error("aspect must be 'stretch' or 'shorter_side'");
+        }
+        if (layout != "chw" && layout != "hwc") throw py::value_error("layout must be chw or hwc");
+        spec.chw = layout == "chw";
+        CheckImageSpec(spec);
+        // hold every image (a C-contiguous uint8 view, copied only when it is not one)
+        std::vector<py::array_t<uint8_t, py::array::c_style>> held;
+        std::vector<ImageView> views;
+        held.reserve(images.size());
+        views.reserve(images.size());
+        for (const py::handle& item : images) {
+          py::array arr = py::array::ensure(item);
+          if (!arr || !arr.dtype().equal(py::dtype::of<uint8_t>())) {
+            throw py::value_error("images must be uint8 arrays");
+          }
+          const int64_t channels = arr.ndim() == 2 ? 1 : (arr.ndim() == 3 ? arr.shape(2) : -1);
+          if (channels != spec.channels) {
+            throw py::value_error(
+                "each image must be [height, width, channels] with one mean "
+                "and std per channel");
+          }
+          held.emplace_back(py::array_t<uint8_t, py::array::c_style>::ensure(arr));
+          const auto& image = held.back();
+          views.push_back(
+              {image.data(), image.shape(0), image.shape(1), image.shape(1) * channels});
+        }
+        std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(views.size())};
+        if (spec.chw) {
+          shape.insert(shape.end(), {spec.channels, out_h, out_w});
+        } else {
+          shape.insert(shape.end(), {out_h, out_w, spec.channels});
+        }
+        py::array_t<float> out(shape);
+        float* dst = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          PreprocessImages(views, spec, dst, threads);
+        }
+        return out;
+      },
+      py::arg("images"), py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
+      py::arg("aspect") = "stretch", py::arg("layout") = "chw", py::arg("threads") = 0,
+      "Resize (bilinear, half-pixel centers), normalize ((x / 255 - mean) / std) and lay out "
+      "uint8 HWC images into one float32 batch [N, C, H, W] (or [N, H, W, C]), in one fused "
+      "pass per output row, across threads, with the GIL released.");
 }

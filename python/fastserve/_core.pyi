@@ -103,3 +103,14 @@ class DriftSketch:
     def window_rows(self) -> int: ...
     @property
     def num_features(self) -> int: ...
+
+def preprocess_images(
+    images: Sequence[_Array],
+    out_h: int,
+    out_w: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    aspect: str = "stretch",
+    layout: str = "chw",
+    threads: int = 0,
+) -> _Array: ...
