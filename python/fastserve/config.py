@@ -164,6 +164,35 @@ class PromotionGate(_Strict):
     """The shadow's p99 latency may exceed the primary's by this fraction at most."""
 
 
+class ImagePipeline(_Strict):
+    """Raw images in, the model's float tensor out: a client may send ``input`` as UINT8
+    ``[N, height, width, channels]`` (``[N, height, width]`` for one channel) of any size;
+    the native kernel resizes it (bilinear) to the model input's height and width,
+    normalizes ``(pixel / 255 - mean) / std`` per channel and lays it out as the model
+    wants (CHW or HWC, from its shape). A request sending the model's own FP32 tensor
+    passes through untouched."""
+
+    input: str
+    """The model input the pipeline feeds (a 4-D FP32 input with fixed C, H, W)."""
+    mean: tuple[float, ...] = Field(min_length=1, max_length=4)
+    std: tuple[float, ...] = Field(min_length=1, max_length=4)
+    aspect: Literal["stretch", "shorter_side"] = "stretch"
+    """stretch: to exactly the model's size; shorter_side: scale the shorter side, crop the
+    center."""
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> ImagePipeline:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std need one value per channel each")
+        if any(not s > 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class PreprocessingConfig(_Strict):
+    image: ImagePipeline | None = None
+
+
 class DriftConfig(_Strict):
     """Drift of live inputs against the version's ``reference.json`` (when it has one)."""
 
@@ -206,6 +235,7 @@ class ModelConfig(_Strict):
     task: Literal["auto", "classifier", "regressor"] = "auto"
     """How predictions are read for shadow comparison, review and accuracy: a classifier
     by its [rows, classes] probabilities, a regressor by its one float output."""
+    preprocessing: PreprocessingConfig = PreprocessingConfig()
     drift: DriftConfig = DriftConfig()
     shadow: ShadowConfig | None = None
     review: ReviewConfig = ReviewConfig()

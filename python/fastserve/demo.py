@@ -77,7 +77,7 @@ _DATASET: Final = {
 _SCORECARD_BINS: Final = 8
 DEMO_VERSION: Final = "1"
 """The version folder each demo model is written to."""
-DEMO_FORMAT: Final = 4
+DEMO_FORMAT: Final = 5
 """Bump when the demo models or their files change, so existing caches are rebuilt."""
 STAMP_FILE: Final = ".fastserve-demo"
 _REVIEWED_SCHEMA: Final = Path(__file__).parent / "demo_data" / "breast_cancer.schema.yaml"
@@ -109,6 +109,18 @@ onnxruntime:
   graph_optimization: all
 warmup: true
 """
+
+
+_EXTRA_CONFIG: Final = {
+    "digits": """\
+preprocessing:
+  image:               # raw grayscale pixels (UINT8 [N, height, width], any size) accepted too
+    input: image
+    mean: [0.0]
+    std: [0.0625]      # pixel / 255 * 16: the 0..16 scale of the training images
+""",
+}
+"""Config lines only some demo models have."""
 
 
 @dataclass(frozen=True)
@@ -505,7 +517,7 @@ def _write_repository(staging: Path) -> None:
             _write_file(version_dir / REFERENCE_FILE, reference.encode())
         config = _CONFIG_TEMPLATE.format(
             fastserve_version=__version__, description=json.dumps(trained.description)
-        )
+        ) + _EXTRA_CONFIG.get(model, "")
         _write_file(staging / model / MODEL_CONFIG_FILE, config.encode())
     # The stamp goes last: a folder with a stamp is a finished build.
     stamp = {**_stamp(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -14,6 +14,7 @@ from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
 from fastserve.monitoring.drift import DriftMonitor, load_drift_monitor
+from fastserve.preprocessing import ImagePreprocessor, PipelineMismatch
 from fastserve.profiling import REFERENCE_FILE
 from fastserve.protocol import ModelSignature
 from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema
@@ -58,6 +59,8 @@ class ServedModel:
     """The version's value schema (its ``schema.yaml``), compiled."""
     drift: DriftMonitor | None = None
     """Live inputs against the version's ``reference.json``."""
+    preprocess: ImagePreprocessor | None = None
+    """The config's image pipeline, checked against the model's input."""
     request_stats: RequestStats = field(default_factory=RequestStats)
     inflight: int = 0
     """Requests holding this version between choosing it and answering (event loop only)."""
@@ -92,6 +95,12 @@ class ServedModel:
                     session.warmup(config.batching.max_batch_size)
                 except Exception as exc:
                     raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
+        preprocess = None
+        if config.preprocessing.image is not None:
+            try:
+                preprocess = ImagePreprocessor.for_model(config.preprocessing.image, signature)
+            except PipelineMismatch as exc:
+                raise ModelLoadError(name, version, f"preprocessing.image: {exc}") from None
         drift = None
         reference_file = model_file.parent / REFERENCE_FILE
         if config.drift.enabled and reference_file.exists():
@@ -112,7 +121,7 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
-        return cls(name, version, config, signature, sessions, batcher, schema, drift)
+        return cls(name, version, config, signature, sessions, batcher, schema, drift, preprocess)
 
     def start(self, loop: asyncio.AbstractEventLoop, *, monitoring: bool = True) -> None:
         """Start the batcher; with ``monitoring``, each batch feeds the drift sketches."""

@@ -426,6 +426,8 @@ async def _infer(
         max_elements=len(body),
     )
     decoded = time.perf_counter_ns()
+    if model.preprocess is not None:
+        inference = model.preprocess.apply(inference)
     if model.schema is not None:
         inference = pack_features(inference, model.schema, model.signature)
     arrays = validate_inputs(
