@@ -50,6 +50,13 @@ async def test_raw_pixels_of_any_size_get_the_tensors_answer(
         assert await labels(s, raw_body(pixels)) == expected
         assert await labels(s, raw_body(bigger)) == expected
         assert await labels(s, raw_body(pixels[..., np.newaxis])) == expected  # [N, H, W, 1]
+        async with s.get("/metrics") as resp:
+            metrics = await resp.text()
+        # the three raw requests went through the pipeline (the tensor one did not)
+        assert (
+            'fastserve_request_stage_duration_seconds_count{model="digits",stage="preprocess",'
+            'version="1"} 3.0'
+        ) in metrics
         for bad, message in (
             (np.zeros((1, 8, 8, 3), np.uint8), "UINT8 images must be [N, height, width, 1]"),
             (np.zeros((1, 0, 8), np.uint8), "no pixels"),

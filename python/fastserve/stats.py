@@ -17,10 +17,10 @@ LATENCY_BUCKETS_S: Final = (
 )  # fmt: skip
 """Upper bounds of the latency histograms: 50 µs to 10 s."""
 _LATENCY_BUCKETS_NS: Final = tuple(round(b * 1e9) for b in LATENCY_BUCKETS_S)
-STAGES: Final = ("request", "decode", "validation", "queue", "compute", "encode")
+STAGES: Final = ("request", "decode", "preprocess", "validation", "queue", "compute", "encode")
 """What a request's time is split into: ``request`` is all of it, from its head arriving
 to its answer built; the others are its parts (the rest is reading the body and the
-event loop's own work)."""
+event loop's own work). ``preprocess`` is observed only for versions with a pipeline."""
 
 
 class LatencyHistogram:
@@ -102,6 +102,7 @@ class RequestStats:
         encode_ns: int = 0,
         *,
         stages: bool = True,
+        preprocess_ns: int | None = None,
     ) -> None:
         self.success += 1
         self.success_ns += total_ns
@@ -111,9 +112,11 @@ class RequestStats:
         self.last_inference_ms = int(time.time() * 1000)
         if not stages:
             return
-        request, decode, validation, queue, compute, encode = self.stages
+        request, decode, preprocess, validation, queue, compute, encode = self.stages
         request.observe(total_ns)
         decode.observe(decode_ns)
+        if preprocess_ns is not None:
+            preprocess.observe(preprocess_ns)
         validation.observe(validation_ns)
         queue.observe(queue_ns)
         compute.observe(compute_ns)

@@ -425,9 +425,14 @@ async def _infer(
         # a huge shape is refused before anything is allocated
         max_elements=len(body),
     )
-    decoded = time.perf_counter_ns()
+    decoded = preprocessed = time.perf_counter_ns()
+    preprocess_ns = None  # the stage is observed when the pipeline ran
     if model.preprocess is not None:
-        inference = model.preprocess.apply(inference)
+        raw = inference
+        inference = model.preprocess.apply(raw)
+        if inference is not raw:
+            preprocessed = time.perf_counter_ns()
+            preprocess_ns = preprocessed - decoded
     if model.schema is not None:
         inference = pack_features(inference, model.schema, model.signature)
     arrays = validate_inputs(
@@ -472,9 +477,10 @@ async def _infer(
         completion.queue_ns,
         completion.compute_ns,
         decoded - decode_start,
-        validated - decoded,
+        validated - preprocessed,
         done - encode_start,
         stages=state.config.monitoring,  # (drift is fed per batch, by the batcher)
+        preprocess_ns=preprocess_ns,
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):

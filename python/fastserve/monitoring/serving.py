@@ -66,7 +66,8 @@ class ServingCollector(Collector):
         )
         stages = HistogramMetricFamily(
             "fastserve_request_stage_duration_seconds",
-            "Successful requests' time by stage: decode (body to tensors), validation "
+            "Successful requests' time by stage: decode (body to tensors), preprocess (the "
+            "model's declared pipeline, when it has one), validation "
             "(signature and value schema), queue (waiting for a batch), compute (the batch "
             "the request was in), encode (the answer).",
             labels=[*labels, "stage"],
@@ -98,6 +99,8 @@ class ServingCollector(Collector):
             for reason in RELEASE_REASONS:
                 batches.add_metric([*key, reason], core[f"batches_{reason}"])
             for stage, histogram in zip(STAGES, stats.stages, strict=True):
+                if stage == "preprocess" and model.preprocess is None:
+                    continue  # no pipeline: no series of zeros
                 target, extra = (latency, []) if stage == "request" else (stages, [stage])
                 target.add_metric(
                     [*key, *extra], histogram.cumulative(), sum_value=histogram.sum_ns / 1e9
