@@ -98,15 +98,9 @@ def main() -> None:
                     f"{m['p99_ms']:.2f} |",
                     flush=True,
                 )
-            off = median["off"]
-            for label, name in (("on/off", "on"), ("control/off", "control")):
-                ratio = median[name]["rps"] / off["rps"]
-                print(
-                    f"{connections} conn: throughput {label} = {ratio:.3f}x "
-                    f"({(1 - ratio) * 100:+.1f} % cost), p50 "
-                    f"{median[name]['p50_ms'] - off['p50_ms']:+.3f} ms",
-                    flush=True,
-                )
+            serving.print_ratios(
+                median, "off", {"on/off": "on", "control/off": "control"}, connections
+            )
         if scraper is not None and scraper.seconds:
             took = sorted(scraper.seconds)
             print(

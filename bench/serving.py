@@ -179,6 +179,20 @@ def alternate(
     }
 
 
+def print_ratios(
+    median: dict[str, dict[str, float]], base: str, others: dict[str, str], connections: int
+) -> None:
+    """Throughput and p50 of each of ``others`` (label -> case) against case ``base``."""
+    off = median[base]
+    for label, name in others.items():
+        ratio = median[name]["rps"] / off["rps"]
+        print(
+            f"{connections} conn: throughput {label} = {ratio:.3f}x ({(1 - ratio) * 100:+.1f} % "
+            f"cost), p50 {median[name]['p50_ms'] - off['p50_ms']:+.3f} ms",
+            flush=True,
+        )
+
+
 def open_loop(url: str, body: Path, rate: float, duration: float) -> dict[str, float]:
     out = subprocess.run(
         [

@@ -86,18 +86,12 @@ def main() -> None:
                     f"{m['p50_ms']:.3f} | {m['p99_ms']:.2f} |",
                     flush=True,
                 )
-            off = median["off, packed"]
-            for label, name in (
-                ("on/off", "reject, packed"),
-                ("control/off", "off (control), packed"),
-            ):
-                other = median[name]
-                print(
-                    f"{connections} conn: throughput {label} = {other['rps'] / off['rps']:.3f}x "
-                    f"({(1 - other['rps'] / off['rps']) * 100:+.1f} % cost), p50 "
-                    f"{other['p50_ms'] - off['p50_ms']:+.3f} ms",
-                    flush=True,
-                )
+            serving.print_ratios(
+                median,
+                "off, packed",
+                {"on/off": "reject, packed", "control/off": "off (control), packed"},
+                connections,
+            )
     finally:
         for server in servers.values():
             server.stop()

@@ -137,3 +137,19 @@ def server_process(repo: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None and os.environ.get("FASTSERVE_REQUIRE_PROMTOOL") != "1",
+    reason="promtool is not installed (apt-get install prometheus)",
+)
+"""Tests that run Prometheus's promtool: skipped without it, unless CI requires it."""
+
+
+def promtool(
+    *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *args], input=stdin, capture_output=True, text=True, timeout=120,
+        check=False, cwd=cwd,
+    )  # fmt: skip

@@ -4,15 +4,12 @@ happened, by stage and outcome; an unknown model creates no series; promtool acc
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 from typing import Any
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import needs_promtool, promtool
 from fastserve.demo import example_rows
 from fastserve.server import Server
 from fastserve.stats import STAGES
@@ -33,12 +30,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(found: dict[Any, float], name: str, **labels: str) -> float:
     return found[name, tuple(sorted(labels.items()))]
-
-
-def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["promtool", *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 async def scrape(client: aiohttp.ClientSession) -> str:
@@ -102,10 +93,7 @@ async def test_requests_are_counted_by_outcome_stage_and_batch(
     assert 'model="nope"' not in text
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None and os.environ.get("FASTSERVE_REQUIRE_PROMTOOL") != "1",
-    reason="promtool is not installed (apt-get install prometheus)",
-)
+@needs_promtool
 async def test_promtool_accepts_a_live_scrape(
     server: Server, client: aiohttp.ClientSession
 ) -> None:

@@ -5,34 +5,20 @@ fastserve exposes."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import needs_promtool, promtool
 from fastserve.server import Server
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALERTS = CONFIGS / "prometheus" / "alerts.yml"
 DASHBOARD = CONFIGS / "grafana" / "fastserve.json"
-
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None and os.environ.get("FASTSERVE_REQUIRE_PROMTOOL") != "1",
-    reason="promtool is not installed (apt-get install prometheus)",
-)
-
-
-def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["promtool", *args], capture_output=True, text=True, timeout=120, check=False, cwd=cwd
-    )
 
 
 def dashboard_exprs() -> list[str]:

@@ -142,16 +142,12 @@ def profile_frame(
     features = []
     for name in frame.columns:
         values = frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
-        present = values[~np.isnan(values)]
-        if present.size == 0:
-            raise ProfileError(f"column {name!r} has no values")
-        distinct = np.unique(present)
-        discrete = _is_discrete(distinct, discrete_max)
+        summary = _summary(str(name), values, discrete_max)
         column = inferred.columns[name]
-        if discrete:
-            column = column.set_checks([pa.Check.isin([_plain(v) for v in distinct])])
+        if summary.kind == "discrete":
+            column = column.set_checks([pa.Check.isin([_plain(v) for v in summary.edges])])
         columns[str(name)] = column
-        features.append(_reference(str(name), values, present, distinct if discrete else None))
+        features.append(summary)
     schema = pa.DataFrameSchema(columns, coerce=True)
     reference = ReferenceProfile(
         source=source,
@@ -165,18 +161,15 @@ def profile_frame(
     return Profile(schema, reference)
 
 
-def _is_discrete(distinct: npt.NDArray[np.float64], discrete_max: int) -> bool:
-    return len(distinct) <= discrete_max and bool(np.all(distinct == np.round(distinct)))
-
-
 def _summary(name: str, data: npt.ArrayLike, discrete_max: int) -> FeatureReference:
-    """The reference of one column of values (discrete when few distinct whole numbers)."""
+    """The reference of one column of values: discrete (its edges are the distinct values)
+    when at most ``discrete_max`` distinct whole numbers, else continuous."""
     values = np.asarray(data, dtype=np.float64).reshape(-1)
     present = values[~np.isnan(values)]
     if present.size == 0:
-        raise ProfileError(f"{name!r} has no values")
+        raise ProfileError(f"column {name!r} has no values")
     distinct = np.unique(present)
-    discrete = _is_discrete(distinct, discrete_max)
+    discrete = len(distinct) <= discrete_max and bool(np.all(distinct == np.round(distinct)))
     return _reference(name, values, present, distinct if discrete else None)
 
 

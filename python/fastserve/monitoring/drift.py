@@ -116,10 +116,6 @@ class DriftMonitor:
     def tracks_predictions(self) -> bool:
         return self._predictions is not None
 
-    def observe(self, inputs: npt.NDArray[Any]) -> None:
-        """Count one request's (or batch's) [rows, features] input."""
-        self._inputs.update(inputs)
-
     def observe_batch(
         self, inputs: list[npt.NDArray[Any]], outputs: list[npt.NDArray[Any]]
     ) -> None:

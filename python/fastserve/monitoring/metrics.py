@@ -160,8 +160,6 @@ class Metrics:
                         model, version, role, "root_mean_squared_error", window
                     ).set(rmse)
             self.labelled.labels(model, version, role).set(float(entry["labelled"]))
-            if entry.get("coverage") is not None:
-                self.coverage.labels(model, version, role).set(entry["coverage"])
 
     def label_delay(self, model: str, seconds: float) -> None:
         self.label_delay_seconds.labels(model).observe(seconds)
