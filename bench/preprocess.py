@@ -9,6 +9,10 @@ ImageNet mean/std, CHW float32, three ways in one run.
 - OpenCV: ``cv2.resize`` (INTER_LINEAR, SIMD, its own threads) per image, then the
   normalization and the HWC -> CHW transpose in float32 numpy, into one batch.
 
+Also timed, for scale: the fastserve kernel writing FP16, and a batch of JPEG files (the
+same images, quality 90) decoded by Pillow, as the server does for encoded inputs, before the
+kernel.
+
 Each figure is the median of --repeats runs. Target (issue 7): >= 5x numpy and not slower
 than OpenCV.
 """
@@ -16,6 +20,7 @@ than OpenCV.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
@@ -52,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import cv2
+    from PIL import Image
 
     from fastserve import _core
 
@@ -63,6 +69,20 @@ def main() -> None:
         return _core.preprocess_images(
             images, 224, 224, MEAN.tolist(), STD.tolist(), threads=args.threads
         )
+
+    def ours_fp16() -> np.ndarray:
+        return _core.preprocess_images(
+            images, 224, 224, MEAN.tolist(), STD.tolist(), dtype="float16", threads=args.threads
+        )
+
+    jpegs = []
+    for image in images:
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="JPEG", quality=90)
+        jpegs.append(out.getvalue())
+
+    def decode_jpegs() -> list[np.ndarray]:
+        return [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
 
     def with_numpy() -> np.ndarray:
         return np.stack([preprocess(i, 224, 224, MEAN, STD) for i in images])
@@ -79,6 +99,8 @@ def main() -> None:
         "fastserve": timed(ours, args.repeats),
         "numpy": timed(with_numpy, max(1, args.repeats // 3)),
         "OpenCV + numpy": timed(with_opencv, args.repeats),
+        "fastserve, FP16 output": timed(ours_fp16, args.repeats),
+        "Pillow JPEG decode (one thread)": timed(decode_jpegs, max(1, args.repeats // 3)),
     }
     print(f"{args.images} images 480x640x3 -> 224x224 CHW float32, normalized; "
           f"cv2 {cv2.__version__}, {cv2.getNumThreads()} OpenCV threads")  # fmt: skip

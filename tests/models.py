@@ -91,3 +91,16 @@ def linear(weights: list[float], bias: float = 0.0) -> onnx.ModelProto:
     return helper.make_model(
         graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
     )
+
+
+def image_identity(
+    elem_type: int = TensorProto.FLOAT16, shape: tuple[int, ...] = (3, 4, 4)
+) -> onnx.ModelProto:
+    """``pixels`` [batch, *shape] of ``elem_type`` in, the same tensor out as ``out``: shows
+    exactly what an image pipeline fed the model."""
+    x = helper.make_tensor_value_info("pixels", elem_type, ["batch", *shape])
+    y = helper.make_tensor_value_info("out", elem_type, ["batch", *shape])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["out"])], "echo", [x], [y])
+    return helper.make_model(
+        graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
+    )

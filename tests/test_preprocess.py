@@ -37,6 +37,9 @@ def test_the_kernel_equals_the_numpy_reference(data: st.DataObject) -> None:
     for image, out in zip(images, got, strict=True):
         expected = preprocess(image, out_h, out_w, mean, std, aspect, layout)
         np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE)
+    # FP16 output: the FP32 values rounded to nearest even (numpy's conversion), exactly
+    half = _core.preprocess_images(images, out_h, out_w, mean, std, aspect, layout, "float16")
+    assert half.dtype == np.float16 and np.array_equal(half, got.astype(np.float16))
 
 
 @pytest.mark.parametrize(("source", "size"), [((480, 640), (224, 224)), ((7, 5), (16, 16)),
@@ -80,6 +83,7 @@ def test_images_need_not_be_contiguous_nor_one_size() -> None:
         ([np.zeros((4, 4, 3), np.uint8)], {"out_h": 0}, "output size"),
         ([np.zeros((4, 4, 3), np.uint8)], {"aspect": "fill"}, "aspect"),
         ([np.zeros((4, 4, 3), np.uint8)], {"layout": "nchw"}, "layout"),
+        ([np.zeros((4, 4, 3), np.uint8)], {"dtype": "bfloat16"}, "float32 or float16"),
     ],
 )
 def test_bad_input_is_refused(images: list[np.ndarray], kwargs: dict, message: str) -> None:

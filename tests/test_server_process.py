@@ -3,6 +3,7 @@ default demo repository, and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from PIL import Image
 
 from conftest import ServerProcess, free_port, write_config
 from fastserve.demo import example_rows
@@ -59,6 +61,19 @@ def test_tritonclient_json_and_binary(server_process: ServerProcess, demo_repo: 
             assert response["id"] == f"r{binary}"
         stats = client.get_inference_statistics("breast_cancer")
         assert stats["model_stats"][0]["inference_count"] >= 16
+        # PNG files as a binary BYTES tensor, to the digits model's image pipeline
+        images = example_rows("digits", 4)
+        pixels = np.rint(images[:, 0] * 255 / 16).astype(np.uint8)
+        files = []
+        for p in pixels:
+            out = io.BytesIO()
+            Image.fromarray(p).save(out, format="PNG")
+            files.append(out.getvalue())
+        encoded = httpclient.InferInput("image", [4], "BYTES")
+        encoded.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+        result = client.infer("digits", [encoded])
+        expected = predict(demo_repo, "digits", images)["label"]
+        assert result.as_numpy("label").tolist() == expected.tolist()
         with pytest.raises(Exception, match="unknown model"):
             client.infer("nope", [tensor])
     finally:

@@ -622,7 +622,7 @@ PYBIND11_MODULE(_core, m) {
       "preprocess_images",
       [](const py::list& images, int64_t out_h, int64_t out_w, std::vector<float> mean,
          std::vector<float> std, const std::string& aspect, const std::string& layout,
-         int threads) {
+         const std::string& dtype, int threads) {
         ImageSpec spec;
         spec.out_h = out_h;
         spec.out_w = out_w;
@@ -638,6 +638,10 @@ PYBIND11_MODULE(_core, m) {
         }
         if (layout != "chw" && layout != "hwc") throw py::value_error("layout must be chw or hwc");
         spec.chw = layout == "chw";
+        if (dtype != "float32" && dtype != "float16") {
+          throw py::value_error("dtype must be float32 or float16");
+        }
+        spec.fp16 = dtype == "float16";
         CheckImageSpec(spec);
         // hold every image (a C-contiguous uint8 view, copied only when it is not one)
         std::vector<py::array_t<uint8_t, py::array::c_style>> held;
@@ -666,8 +670,8 @@ PYBIND11_MODULE(_core, m) {
         } else {
           shape.insert(shape.end(), {out_h, out_w, spec.channels});
         }
-        py::array_t<float> out(shape);
-        float* dst = out.mutable_data();
+        py::array out(py::dtype(dtype), shape);
+        void* dst = out.mutable_data();
         {
           py::gil_scoped_release release;
           PreprocessImages(views, spec, dst, threads);
@@ -675,8 +679,9 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("images"), py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
-      py::arg("aspect") = "stretch", py::arg("layout") = "chw", py::arg("threads") = 0,
+      py::arg("aspect") = "stretch", py::arg("layout") = "chw", py::arg("dtype") = "float32",
+      py::arg("threads") = 0,
       "Resize (bilinear, half-pixel centers), normalize ((x / 255 - mean) / std) and lay out "
-      "uint8 HWC images into one float32 batch [N, C, H, W] (or [N, H, W, C]), in one fused "
-      "pass per output row, across threads, with the GIL released.");
+      "uint8 HWC images into one float32 (or float16) batch [N, C, H, W] (or [N, H, W, C]), "
+      "in one fused pass per output row, across threads, with the GIL released.");
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -58,8 +59,12 @@ void Window(const ImageView& image, const ImageSpec& spec, double* y0, double* h
   }
 }
 
+inline void Store(float value, float* out) { *out = value; }
+inline void Store(float value, uint16_t* out) { *out = FloatToHalf(value); }
+
+template <typename T>
 void RowRange(const ImageView& image, const ImageSpec& spec, const Taps& ys, const Taps& xs,
-              int64_t row_begin, int64_t row_end, float* out) {
+              int64_t row_begin, int64_t row_end, T* out) {
   const int64_t c_count = spec.channels;
   const int64_t plane = spec.out_h * spec.out_w;
   float scale[4], shift[4];
@@ -82,9 +87,9 @@ void RowRange(const ImageView& image, const ImageSpec& spec, const Taps& ys, con
         const float v = upper + (lower - upper) * wy;
         const float normalized = v * scale[c] + shift[c];
         if (spec.chw) {
-          out[c * plane + y * spec.out_w + x] = normalized;
+          Store(normalized, &out[c * plane + y * spec.out_w + x]);
         } else {
-          out[(y * spec.out_w + x) * c_count + c] = normalized;
+          Store(normalized, &out[(y * spec.out_w + x) * c_count + c]);
         }
       }
     }
@@ -105,7 +110,49 @@ Prepared Prepare(const ImageView& image, const ImageSpec& spec) {
   return {MakeTaps(spec.out_h, image.h, y0, hh), MakeTaps(spec.out_w, image.w, x0, ww)};
 }
 
+// One block of output rows of one image into `out`, the image's slot.
+void Rows(const ImageView& image, const ImageSpec& spec, const Prepared& p, int64_t begin,
+          int64_t end, void* out) {
+  if (spec.fp16) {
+    RowRange(image, spec, p.ys, p.xs, begin, end, static_cast<uint16_t*>(out));
+  } else {
+    RowRange(image, spec, p.ys, p.xs, begin, end, static_cast<float*>(out));
+  }
+}
+
 }  // namespace
+
+uint16_t FloatToHalf(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const auto sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x47800000u) {  // >= 65536 (rounds to infinity), infinity or NaN
+    return sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  }
+  if (abs < 0x38800000u) {  // below 2^-14, the smallest normal half: subnormal or zero
+    // Adding 0.5 makes the float unit round the value to a multiple of 2^-24 (a half
+    // subnormal's step), to nearest even; the low mantissa bits are then the half's bits.
+    constexpr uint32_t kHalf = 0x3f000000u;  // 0.5f
+    float magnitude, magic;
+    std::memcpy(&magnitude, &abs, sizeof magnitude);
+    std::memcpy(&magic, &kHalf, sizeof magic);
+    magnitude += magic;
+    uint32_t sum;
+    std::memcpy(&sum, &magnitude, sizeof sum);
+    return sign | static_cast<uint16_t>(sum - kHalf);
+  }
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits to nearest even (a
+  // carry into the exponent is right, up to infinity for values from 65520).
+  const uint32_t odd = (abs >> 13) & 1u;
+  abs += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + odd;
+  return sign | static_cast<uint16_t>(abs >> 13);
+}
+
+int64_t ImageSlotBytes(const ImageSpec& spec) {
+  const int64_t item = spec.fp16 ? 2 : 4;
+  return spec.out_h * spec.out_w * spec.channels * item;
+}
 
 void CheckImageSpec(const ImageSpec& spec) {
   if (spec.out_h < 1 || spec.out_w < 1) throw std::invalid_argument("output size must be >= 1");
@@ -121,20 +168,19 @@ void CheckImageSpec(const ImageSpec& spec) {
   }
 }
 
-void PreprocessImage(const ImageView& image, const ImageSpec& spec, float* out) {
+void PreprocessImage(const ImageView& image, const ImageSpec& spec, void* out) {
   CheckImageSpec(spec);
-  Prepared p = Prepare(image, spec);
-  RowRange(image, spec, p.ys, p.xs, 0, spec.out_h, out);
+  Rows(image, spec, Prepare(image, spec), 0, spec.out_h, out);
 }
 
-void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, float* out,
+void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, void* out,
                       int threads) {
   CheckImageSpec(spec);
   if (images.empty()) return;
   std::vector<Prepared> prepared;
   prepared.reserve(images.size());
   for (const ImageView& image : images) prepared.push_back(Prepare(image, spec));
-  const int64_t slot = spec.out_h * spec.out_w * spec.channels;
+  const int64_t slot = ImageSlotBytes(spec);
   // work items: (image, block of rows); threads take the next one until none is left
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(spec.out_h, 32));
   const int64_t blocks_per_image = (spec.out_h + block - 1) / block;
@@ -145,7 +191,7 @@ void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spe
       const int64_t i = item / blocks_per_image;
       const int64_t begin = (item % blocks_per_image) * block;
       const int64_t end = std::min(begin + block, spec.out_h);
-      RowRange(images[i], spec, prepared[i].ys, prepared[i].xs, begin, end, out + i * slot);
+      Rows(images[i], spec, prepared[i], begin, end, static_cast<uint8_t*>(out) + i * slot);
     }
   };
   int count = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());

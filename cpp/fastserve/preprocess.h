@@ -1,5 +1,5 @@
-// Fused image preprocessing: uint8 HWC (any size) -> resized, normalized FP32, CHW or HWC,
-// written straight into its slot of a batch buffer in one pass per output row.
+// Fused image preprocessing: uint8 HWC (any size) -> resized, normalized FP32 or FP16, CHW or
+// HWC, written straight into its slot of a batch buffer in one pass per output row.
 #ifndef FASTSERVE_PREPROCESS_H_
 #define FASTSERVE_PREPROCESS_H_
 
@@ -18,7 +18,8 @@ struct ImageSpec {
   int64_t out_w = 0;
   int64_t channels = 3;
   Aspect aspect = Aspect::kStretch;
-  bool chw = true;  // planar output (C, H, W); false: interleaved (H, W, C)
+  bool chw = true;    // planar output (C, H, W); false: interleaved (H, W, C)
+  bool fp16 = false;  // IEEE binary16 output (round to nearest even); false: float32
   // out = (pixel / 255 - mean[c]) / std[c]
   std::vector<float> mean;
   std::vector<float> std;
@@ -37,15 +38,22 @@ struct ImageView {
 // throws std::invalid_argument naming what is wrong.
 void CheckImageSpec(const ImageSpec& spec);
 
+// Bytes of one image's output: out_h * out_w * channels values of 4 (or 2, fp16) bytes.
+int64_t ImageSlotBytes(const ImageSpec& spec);
+
 // Bilinear resize with half-pixel centers (OpenCV's INTER_LINEAR: src = (dst + 0.5) *
 // scale - 0.5, clamped to the edge), then normalize and lay out, for one image into `out`
-// (out_h * out_w * channels floats).
-void PreprocessImage(const ImageView& image, const ImageSpec& spec, float* out);
+// (ImageSlotBytes(spec) bytes, float or binary16 values).
+void PreprocessImage(const ImageView& image, const ImageSpec& spec, void* out);
 
 // Every image into its slot of `out` (images.size() slots, one after the other), rows
 // spread over `threads` threads (<= 0: the hardware's count).
-void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, float* out,
+void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, void* out,
                       int threads = 0);
+
+// IEEE binary16 bits of `value`, rounded to nearest even; overflow gives infinity, NaN stays
+// NaN (quiet). Portable: compilers without a half type use it too.
+uint16_t FloatToHalf(float value);
 
 }  // namespace fastserve
 

@@ -112,5 +112,6 @@ def preprocess_images(
     std: Sequence[float],
     aspect: str = "stretch",
     layout: str = "chw",
+    dtype: str = "float32",
     threads: int = 0,
 ) -> _Array: ...

@@ -165,20 +165,24 @@ class PromotionGate(_Strict):
 
 
 class ImagePipeline(_Strict):
-    """Raw images in, the model's float tensor out: a client may send ``input`` as UINT8
-    ``[N, height, width, channels]`` (``[N, height, width]`` for one channel) of any size;
-    the native kernel resizes it (bilinear) to the model input's height and width,
-    normalizes ``(pixel / 255 - mean) / std`` per channel and lays it out as the model
-    wants (CHW or HWC, from its shape). A request sending the model's own FP32 tensor
-    passes through untouched."""
+    """Raw or encoded images in, the model's float tensor out. A client may send ``input``
+    as UINT8 ``[N, height, width, channels]`` (``[N, height, width]`` for one channel) of
+    any size, or as BYTES ``[N]`` holding one JPEG or PNG file each (any sizes, decoded off
+    the event loop). The native kernel resizes each image (bilinear) to the model input's
+    height and width, normalizes ``(pixel / 255 - mean) / std`` per channel, lays it out as
+    the model wants (CHW or HWC, from its shape) and writes FP32 or FP16 (the input's
+    datatype). A request sending the model's own tensor passes through untouched."""
 
     input: str
-    """The model input the pipeline feeds (a 4-D FP32 input with fixed C, H, W)."""
+    """The model input the pipeline feeds (a 4-D FP32 or FP16 input with fixed C, H, W)."""
     mean: tuple[float, ...] = Field(min_length=1, max_length=4)
     std: tuple[float, ...] = Field(min_length=1, max_length=4)
     aspect: Literal["stretch", "shorter_side"] = "stretch"
     """stretch: to exactly the model's size; shorter_side: scale the shorter side, crop the
     center."""
+    max_decoded_pixels: int = Field(1 << 24, ge=1)
+    """Pixels the encoded images of one request may decode to, all together (read from
+    their headers before anything is decoded): a small file cannot claim gigabytes."""
 
     @model_validator(mode="after")
     def _check_channels(self) -> ImagePipeline:

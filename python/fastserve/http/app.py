@@ -394,9 +394,8 @@ async def infer(
         body = await read_body(
             request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s
         )
-        # Resolve again: a swap may have happened while the body arrived. From here to
-        # the batcher's submit nothing awaits, and ``inflight`` keeps this version from
-        # being unloaded until the request is answered.
+        # Resolve again: a swap may have happened while the body arrived. ``inflight``
+        # keeps this version from being unloaded until the request is answered.
         model = held = registry.get(name, version)
         model.inflight += 1
         return await _infer(request, state, model, body, started)
@@ -429,7 +428,7 @@ async def _infer(
     preprocess_ns = None  # the stage is observed when the pipeline ran
     if model.preprocess is not None:
         raw = inference
-        inference = model.preprocess.apply(raw)
+        inference = await model.preprocess.apply(raw)
         if inference is not raw:
             preprocessed = time.perf_counter_ns()
             preprocess_ns = preprocessed - decoded
