@@ -23,6 +23,7 @@
 #include "fastserve/cuda_info.h"
 #include "fastserve/drift.h"
 #include "fastserve/preprocess.h"
+#include "fastserve/tabular.h"
 #include "fastserve/tensor.h"
 
 namespace py = pybind11;
@@ -480,6 +481,89 @@ void UpdateSketch(DriftSketch& sketch, const py::array& arr) {
 }
 
 }  // namespace
+// A checked TabularSpec and its output width, built once per model version.
+class PyTabularKernel {
+ public:
+  PyTabularKernel(const std::vector<std::string>& kinds, const std::vector<double>& shifts,
+                  const std::vector<double>& scales, const std::vector<double>& fills,
+                  const std::vector<int64_t>& widths, const std::vector<int64_t>& fill_codes,
+                  const std::vector<double>& unknown_values, const std::string& dtype) {
+    const size_t n = kinds.size();
+    if (shifts.size() != n || scales.size() != n || fills.size() != n || widths.size() != n ||
+        fill_codes.size() != n || unknown_values.size() != n) {
+      throw py::value_error("tabular kernel: every setting needs one value per column");
+    }
+    if (dtype != "float32" && dtype != "float64") {
+      throw py::value_error("dtype must be float32 or float64");
+    }
+    spec_.fp64 = dtype == "float64";
+    for (size_t c = 0; c < n; ++c) {
+      TabularColumn column;
+      if (kinds[c] == "number") {
+        column.kind = TabularColumn::Kind::kNumber;
+      } else if (kinds[c] == "index") {
+        column.kind = TabularColumn::Kind::kIndex;
+      } else if (kinds[c] == "onehot") {
+        column.kind = TabularColumn::Kind::kOneHot;
+      } else {
+        throw py::value_error("column kinds are number, index or onehot");
+      }
+      column.shift = shifts[c];
+      column.scale = scales[c];
+      column.fill = fills[c];
+      column.width = widths[c];
+      column.fill_code = fill_codes[c];
+      column.unknown_value = unknown_values[c];
+      spec_.columns.push_back(column);
+    }
+    try {
+      width_ = CheckTabularSpec(spec_);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
+
+  int64_t width() const { return width_; }
+
+  py::array Run(const py::list& columns, int64_t rows, int threads) const {
+    if (columns.size() != spec_.columns.size()) {
+      throw py::value_error("tabular kernel: one array per column is needed");
+    }
+    if (rows < 0) throw py::value_error("rows must be >= 0");
+    std::vector<py::array> held;
+    std::vector<TabularInput> inputs(columns.size());
+    held.reserve(columns.size());
+    for (size_t c = 0; c < columns.size(); ++c) {
+      const bool number = spec_.columns[c].kind == TabularColumn::Kind::kNumber;
+      py::array arr = number
+                          ? py::array(py::array_t<double, py::array::c_style>::ensure(columns[c]))
+                          : py::array(py::array_t<int64_t, py::array::c_style>::ensure(columns[c]));
+      if (!arr || arr.ndim() != 1 || arr.shape(0) != rows) {
+        throw py::value_error("tabular kernel: column " + std::to_string(c) + " must be " +
+                              (number ? "float64" : "int64") + " [rows]");
+      }
+      held.push_back(arr);
+      if (number) {
+        inputs[c].numbers = static_cast<const double*>(arr.data());
+      } else {
+        inputs[c].codes = static_cast<const int64_t*>(arr.data());
+      }
+    }
+    py::array out(py::dtype(spec_.fp64 ? "float64" : "float32"),
+                  std::vector<py::ssize_t>{static_cast<py::ssize_t>(rows), width_});
+    void* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      PreprocessTabular(inputs, rows, spec_, dst, threads);
+    }
+    return out;
+  }
+
+ private:
+  TabularSpec spec_;
+  int64_t width_ = 0;
+};
+
 }  // namespace fastserve
 
 PYBIND11_MODULE(_core, m) {
@@ -617,6 +701,24 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("total_rows", &DriftSketch::total_rows)
       .def_property_readonly("window_rows", &DriftSketch::window_rows)
       .def_property_readonly("num_features", &DriftSketch::num_features);
+
+  py::class_<PyTabularKernel>(m, "TabularKernel")
+      .def(py::init<const std::vector<std::string>&, const std::vector<double>&,
+                    const std::vector<double>&, const std::vector<double>&,
+                    const std::vector<int64_t>&, const std::vector<int64_t>&,
+                    const std::vector<double>&, const std::string&>(),
+           py::arg("kinds"), py::arg("shifts"), py::arg("scales"), py::arg("fills"),
+           py::arg("widths"), py::arg("fill_codes"), py::arg("unknown_values"),
+           py::arg("dtype") = "float32",
+           "Per output column group: kind (number | index | onehot), shift and scale (number: "
+           "(x - shift) * scale), fill (number: what NaN becomes), width (onehot: the "
+           "vocabulary's size), fill_code (categorical: what a missing code -2 becomes), "
+           "unknown_value (index: what an unknown code -1 is written as).")
+      .def_property_readonly("width", &PyTabularKernel::width)
+      .def("run", &PyTabularKernel::Run, py::arg("columns"), py::arg("rows"),
+           py::arg("threads") = 0,
+           "The [rows, width] float batch of the columns (float64 values for number columns, "
+           "int64 codes otherwise), in one fused pass per row with the GIL released.");
 
   m.def(
       "preprocess_images",

@@ -1,12 +1,12 @@
 #include "fastserve/preprocess.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
+
+#include "fastserve/parallel.h"
 
 namespace fastserve {
 namespace {
@@ -185,21 +185,12 @@ void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spe
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(spec.out_h, 32));
   const int64_t blocks_per_image = (spec.out_h + block - 1) / block;
   const int64_t items = static_cast<int64_t>(images.size()) * blocks_per_image;
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      const int64_t i = item / blocks_per_image;
-      const int64_t begin = (item % blocks_per_image) * block;
-      const int64_t end = std::min(begin + block, spec.out_h);
-      Rows(images[i], spec, prepared[i], begin, end, static_cast<uint8_t*>(out) + i * slot);
-    }
-  };
-  int count = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
-  count = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(count, items)));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < count; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
+  ParallelFor(items, threads, [&](int64_t item) {
+    const int64_t i = item / blocks_per_image;
+    const int64_t begin = (item % blocks_per_image) * block;
+    const int64_t end = std::min(begin + block, spec.out_h);
+    Rows(images[i], spec, prepared[i], begin, end, static_cast<uint8_t*>(out) + i * slot);
+  });
 }
 
 }  // namespace fastserve

@@ -104,6 +104,22 @@ class DriftSketch:
     @property
     def num_features(self) -> int: ...
 
+class TabularKernel:
+    def __init__(
+        self,
+        kinds: Sequence[str],
+        shifts: Sequence[float],
+        scales: Sequence[float],
+        fills: Sequence[float],
+        widths: Sequence[int],
+        fill_codes: Sequence[int],
+        unknown_values: Sequence[float],
+        dtype: str = "float32",
+    ) -> None: ...
+    @property
+    def width(self) -> int: ...
+    def run(self, columns: Sequence[_Array], rows: int, threads: int = 0) -> _Array: ...
+
 def preprocess_images(
     images: Sequence[_Array],
     out_h: int,

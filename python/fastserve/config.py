@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    StrictInt,
+    StrictStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -193,8 +197,87 @@ class ImagePipeline(_Strict):
         return self
 
 
+class NumericFeature(_Strict):
+    """A number column: filled when missing, then scaled."""
+
+    name: str = Field(min_length=1)
+    scale: Literal["none", "standard", "minmax"] = "none"
+    """standard: (x - mean) / std; minmax: (x - min) / (max - min); the statistics are the
+    feature's in the version's ``reference.json`` (a zero std or range divides by 1, as
+    scikit-learn's scalers do)."""
+    fill: float | Literal["mean", "median", "min", "max"] | None = None
+    """What a missing value (NaN, or the feature absent from the request) becomes, before
+    scaling: a number, or a statistic of the reference. None: a missing value is a 400."""
+
+
+class CategoricalFeature(_Strict):
+    """A categorical column: its value's position in ``categories``, as one column (index)
+    or one column per category (onehot)."""
+
+    name: str = Field(min_length=1)
+    categories: tuple[StrictStr, ...] | tuple[StrictInt, ...] = Field(min_length=1)
+    """The vocabulary: strings (sent as BYTES) or integers (sent as an integer datatype)."""
+    encode: Literal["onehot", "index"] = "onehot"
+    unknown: Literal["error", "ignore"] = "error"
+    """A value not in ``categories``: error (a 400 naming the feature, row and value), or
+    ignore (onehot: all zeros; index: ``unknown_value``)."""
+    unknown_value: float = -1.0
+    fill: StrictStr | StrictInt | None = None
+    """The category a missing value (an empty string, or the feature absent) becomes; None:
+    a missing value is a 400."""
+
+    @model_validator(mode="after")
+    def _check_vocabulary(self) -> CategoricalFeature:
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories must be distinct")
+        if self.fill is not None and self.fill not in self.categories:
+            raise ValueError(f"fill {self.fill!r} is not one of the categories")
+        return self
+
+
+def _feature_kind(value: Any) -> str:
+    """Which kind of feature a config entry is: one with ``categories`` is categorical."""
+    if isinstance(value, dict):
+        return "categorical" if "categories" in value else "numeric"
+    return "categorical" if isinstance(value, CategoricalFeature) else "numeric"
+
+
+TabularFeature = Annotated[
+    Annotated[NumericFeature, Tag("numeric")] | Annotated[CategoricalFeature, Tag("categorical")],
+    Discriminator(_feature_kind),
+]
+
+
+class TabularPipeline(_Strict):
+    """Feature columns by name in, the model's 2-D float input out: each feature, in the
+    order listed, writes one column (numbers, index encoding) or one per category (onehot)
+    of ``input``, in one native pass per row."""
+
+    input: str
+    """The model input the pipeline feeds: 2-D FP32 or FP64, as wide as the features'
+    columns together."""
+    features: tuple[TabularFeature, ...]
+
+    @model_validator(mode="after")
+    def _check_names(self) -> TabularPipeline:
+        if not self.features:
+            raise ValueError("features: at least one is needed")
+        names = [f.name for f in self.features]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"features listed twice: {', '.join(repeated)}")
+        return self
+
+
 class PreprocessingConfig(_Strict):
     image: ImagePipeline | None = None
+    tabular: TabularPipeline | None = None
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> PreprocessingConfig:
+        if self.image and self.tabular and self.image.input == self.tabular.input:
+            raise ValueError("the image and tabular pipelines feed the same input")
+        return self
 
 
 class DriftConfig(_Strict):

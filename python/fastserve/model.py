@@ -14,10 +14,10 @@ from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
 from fastserve.monitoring.drift import DriftMonitor, load_drift_monitor
-from fastserve.preprocessing import ImagePreprocessor, PipelineMismatch
-from fastserve.profiling import REFERENCE_FILE
+from fastserve.preprocessing import ImagePreprocessor, PipelineMismatch, TabularPreprocessor
+from fastserve.profiling import REFERENCE_FILE, ReferenceProfile
 from fastserve.protocol import ModelSignature
-from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema
+from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema, load_pipeline_schema
 from fastserve.stats import RequestStats, model_statistics
 
 log = logging.getLogger("fastserve.model")
@@ -47,6 +47,35 @@ def resolve_execution(config: ModelConfig, provider: str) -> Execution:
     return "threads"
 
 
+def _schema(
+    name: str, version: str, path: Path, signature: ModelSignature, config: ModelConfig
+) -> InputSchema | None:
+    """The version's compiled ``schema.yaml``: of the input its columns are, or, behind a
+    tabular pipeline, of the raw features the pipeline takes."""
+    if not path.exists():
+        return None
+    pipeline = config.preprocessing.tabular
+    try:
+        if pipeline is None:
+            return load_input_schema(path, signature)
+        index = next((i for i, s in enumerate(signature.inputs) if s.name == pipeline.input), -1)
+        return load_pipeline_schema(path, index, pipeline.input)
+    except Exception as exc:  # pandera's own errors too: a bad file refuses the load
+        problem = _short(f"{exc.__class__.__name__}: {exc}")
+        raise ModelLoadError(name, version, f"{SCHEMA_FILE}: {problem}") from None
+
+
+def _reference(name: str, version: str, path: Path) -> ReferenceProfile | None:
+    """The version's ``reference.json``, when it has one; a bad file refuses the load."""
+    if not path.exists():
+        return None
+    try:
+        return ReferenceProfile.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        problem = _short(f"{exc.__class__.__name__}: {exc}")
+        raise ModelLoadError(name, version, f"{REFERENCE_FILE}: {problem}") from None
+
+
 @dataclass(eq=False)  # a loaded version is itself, not equal to a copy of its fields
 class ServedModel:
     name: str
@@ -61,6 +90,8 @@ class ServedModel:
     """Live inputs against the version's ``reference.json``."""
     preprocess: ImagePreprocessor | None = None
     """The config's image pipeline, checked against the model's input."""
+    tabular: TabularPreprocessor | None = None
+    """The config's tabular pipeline; with one, ``schema`` checks its raw numeric features."""
     request_stats: RequestStats = field(default_factory=RequestStats)
     inflight: int = 0
     """Requests holding this version between choosing it and answering (event loop only)."""
@@ -81,29 +112,39 @@ class ServedModel:
             for _ in range(config.instance_count)
         ]
         signature = sessions[0].signature
-        schema = None
-        schema_file = model_file.parent / SCHEMA_FILE
-        if schema_file.exists():
-            try:
-                schema = load_input_schema(schema_file, signature)
-            except Exception as exc:  # pandera's own errors too: a bad file refuses the load
-                problem = _short(f"{exc.__class__.__name__}: {exc}")
-                raise ModelLoadError(name, version, f"{SCHEMA_FILE}: {problem}") from None
+        folder = model_file.parent
+        pipelines = config.preprocessing
+        schema = _schema(name, version, folder / SCHEMA_FILE, signature, config)
         if config.warmup:
             for session in sessions:
                 try:
                     session.warmup(config.batching.max_batch_size)
                 except Exception as exc:
                     raise ModelLoadError(name, version, f"warm-up failed: {exc}") from None
-        preprocess = None
-        if config.preprocessing.image is not None:
+        reference_file = folder / REFERENCE_FILE
+        preprocess = tabular = None
+        try:
+            if pipelines.image is not None:
+                preprocess = ImagePreprocessor.for_model(pipelines.image, signature)
+        except PipelineMismatch as exc:
+            raise ModelLoadError(name, version, f"preprocessing.image: {exc}") from None
+        if pipelines.tabular is not None:
+            reference = _reference(name, version, reference_file)
             try:
-                preprocess = ImagePreprocessor.for_model(config.preprocessing.image, signature)
+                tabular = TabularPreprocessor.for_model(
+                    pipelines.tabular,
+                    signature,
+                    reference,
+                    schema.compiled.feature_names if schema is not None else None,
+                )
             except PipelineMismatch as exc:
-                raise ModelLoadError(name, version, f"preprocessing.image: {exc}") from None
+                raise ModelLoadError(name, version, f"preprocessing.tabular: {exc}") from None
         drift = None
-        reference_file = model_file.parent / REFERENCE_FILE
-        if config.drift.enabled and reference_file.exists():
+        if tabular is not None:
+            # the reference describes the raw features, the batches the model's columns
+            log.info("model %s:%s: input drift is not measured behind a tabular pipeline",
+                     name, version)  # fmt: skip
+        elif config.drift.enabled and reference_file.exists():
             try:
                 drift = load_drift_monitor(reference_file, signature, schema, config)
             except Exception as exc:  # a bad file refuses the load, as a bad schema does
@@ -121,7 +162,9 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
-        return cls(name, version, config, signature, sessions, batcher, schema, drift, preprocess)
+        return cls(
+            name, version, config, signature, sessions, batcher, schema, drift, preprocess, tabular
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop, *, monitoring: bool = True) -> None:
         """Start the batcher; with ``monitoring``, each batch feeds the drift sketches."""

@@ -116,6 +116,14 @@ def load_input_schema(path: Path, signature: ModelSignature) -> InputSchema:
     return InputSchema(index, signature.inputs[index].name, compiled)
 
 
+def load_pipeline_schema(path: Path, input_index: int, input_name: str) -> InputSchema:
+    """Compile the schema at ``path`` for the raw features a tabular pipeline turns into
+    input ``input_name``: its columns are checked as the client sent them, in file order."""
+    schema = read_schema(path)
+    features = [str(name) for name in schema.columns]
+    return InputSchema(input_index, input_name, CompiledSchema.from_pandera(schema, features))
+
+
 def feature_input(signature: ModelSignature, width: int) -> int:
     """The index of the model's one 2-D FP32/FP64 input ``width`` columns wide: the input
     whose columns a schema's (or a reference profile's) features are."""

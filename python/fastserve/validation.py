@@ -12,6 +12,7 @@ those into the one tensor the model takes, before anything else is checked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,16 @@ from fastserve.errors import InvalidRequest
 from fastserve.protocol import DATATYPE_TO_NUMPY, InferenceRequest, InputTensor, ModelSignature
 from fastserve.schema import InputSchema
 
-__all__ = ["pack_features", "validate_inputs", "validate_outputs"]
+__all__ = [
+    "clip",
+    "feature_columns",
+    "name_list",
+    "pack_features",
+    "quoted",
+    "shape_text",
+    "validate_inputs",
+    "validate_outputs",
+]
 
 _NUMERIC_KINDS = frozenset("biuf")
 _NAMED_SHOWN = 5
@@ -38,50 +48,25 @@ def pack_features(
     the tensor's, as pandas would); every feature must be there, with the same rows.
     Inputs that are not features pass through for ``validate_inputs`` to check.
     """
-    inputs = request.inputs
     target = schema.input_name
-    if any(tensor.name == target for tensor in inputs):
+    if any(tensor.name == target for tensor in request.inputs):
         return request
     features = schema.compiled.feature_names
-    position = {name: i for i, name in enumerate(features)}
-    columns: dict[str, InputTensor] = {}
-    others = []
-    for tensor in inputs:
-        if tensor.name not in position:
-            others.append(tensor)
-        elif tensor.name in columns:
-            raise InvalidRequest(f"feature {_label(tensor.name)} appears twice")
-        else:
-            columns[tensor.name] = tensor
+    columns, others, rows = feature_columns(request, features)
     if not columns:
         return request  # neither the tensor nor a feature: validate_inputs names what is missing
     missing = [name for name in features if name not in columns]
     if missing:
-        shown = ", ".join(_label(n) for n in missing[:_NAMED_SHOWN])
-        more = f" and {len(missing) - _NAMED_SHOWN} more" if len(missing) > _NAMED_SHOWN else ""
         raise InvalidRequest(
-            f"input {_label(target)} is given by feature name, but {len(missing)} of its "
-            f"{len(features)} features are missing: {shown}{more}"
+            f"input {quoted(target)} is given by feature name, but {len(missing)} of its "
+            f"{len(features)} features are missing: {name_list(missing)}"
         )
-    spec = signature.inputs[schema.input_index]
-    first = columns[features[0]]
-    rows = first.shape[0] if first.shape else 0
     for name, tensor in columns.items():
-        shape = tensor.shape
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise InvalidRequest(
-                f"feature {_label(name)}: shape {_shape_text(shape)} is not a column "
-                "([rows] or [rows, 1])"
-            )
         if tensor.data.dtype.kind not in _NUMERIC_KINDS:
             raise InvalidRequest(
-                f"feature {_label(name)}: datatype {_clip(tensor.datatype)} is not numeric"
+                f"feature {quoted(name)}: datatype {clip(tensor.datatype)} is not numeric"
             )
-        if shape[0] != rows:
-            raise InvalidRequest(
-                f"feature {_label(name)} has {shape[0]} rows but feature "
-                f"{_label(features[0])} has {rows}"
-            )
+    spec = signature.inputs[schema.input_index]
     # one concatenation in feature order (numpy promotes mixed datatypes), then one
     # conversion into the [rows, features] layout
     stacked = np.concatenate([columns[name].data.ravel() for name in features])
@@ -97,10 +82,53 @@ def pack_features(
         and np.count_nonzero(np.isinf(packed)) != np.count_nonzero(np.isinf(stacked))
     ):
         raise InvalidRequest(
-            f"input {_label(target)}: a feature's value does not fit {spec.datatype}"
+            f"input {quoted(target)}: a feature's value does not fit {spec.datatype}"
         )
     tensor = InputTensor(target, spec.datatype, packed.shape, packed)
     return InferenceRequest([*others, tensor], request.id, request.outputs, request.parameters)
+
+
+def feature_columns(
+    request: InferenceRequest, features: Sequence[str]
+) -> tuple[dict[str, InputTensor], list[InputTensor], int]:
+    """The inputs of ``request`` that are ``features`` (by name), the other inputs, and the
+    rows of the features (0 when none is sent). Each feature must be a column, ``[rows]``
+    or ``[rows, 1]``, sent once, all with the same rows."""
+    wanted = set(features)
+    columns: dict[str, InputTensor] = {}
+    others = []
+    for tensor in request.inputs:
+        if tensor.name not in wanted:
+            others.append(tensor)
+        elif tensor.name in columns:
+            raise InvalidRequest(f"feature {quoted(tensor.name)} appears twice")
+        else:
+            columns[tensor.name] = tensor
+    rows = -1
+    first = ""
+    for name in features:  # in their order: a mismatch names the first feature sent
+        if name not in columns:
+            continue
+        shape = columns[name].shape
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidRequest(
+                f"feature {quoted(name)}: shape {shape_text(shape)} is not a column "
+                "([rows] or [rows, 1])"
+            )
+        if rows < 0:
+            rows, first = shape[0], name
+        elif shape[0] != rows:
+            raise InvalidRequest(
+                f"feature {quoted(name)} has {shape[0]} rows but feature {quoted(first)} has {rows}"
+            )
+    return columns, others, max(rows, 0)
+
+
+def name_list(names: Sequence[str]) -> str:
+    """The first few of ``names``, quoted, and how many more."""
+    shown = ", ".join(quoted(n) for n in names[:_NAMED_SHOWN])
+    more = f" and {len(names) - _NAMED_SHOWN} more" if len(names) > _NAMED_SHOWN else ""
+    return shown + more
 
 
 def validate_inputs(
@@ -115,7 +143,7 @@ def validate_inputs(
     given: dict[str, InputTensor] = {}
     for tensor in request.inputs:
         if tensor.name in given:
-            raise InvalidRequest(f"input {_label(tensor.name)} appears twice")
+            raise InvalidRequest(f"input {quoted(tensor.name)} appears twice")
         given[tensor.name] = tensor
     if len(given) != len(signature.inputs) or any(
         spec.name not in given for spec in signature.inputs
@@ -123,20 +151,20 @@ def validate_inputs(
         known = {spec.name for spec in signature.inputs}
         for name in given:
             if name not in known:
-                raise InvalidRequest(f"unknown input {_label(name)}")
+                raise InvalidRequest(f"unknown input {quoted(name)}")
         for spec in signature.inputs:
             if spec.name not in given:
-                raise InvalidRequest(f"required input {_label(spec.name)} is missing")
+                raise InvalidRequest(f"required input {quoted(spec.name)} is missing")
 
     arrays: list[npt.NDArray[Any]] = []
     batch: int | None = None
     first = ""
     for spec in signature.inputs:
         tensor = given[spec.name]
-        label = f"input {_label(spec.name)}"
+        label = f"input {quoted(spec.name)}"
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(
-                f"{label}: datatype {_clip(tensor.datatype)} does not match "
+                f"{label}: datatype {clip(tensor.datatype)} does not match "
                 f"the model's {spec.datatype}"
             )
         shape = tensor.shape
@@ -145,13 +173,13 @@ def validate_inputs(
         if len(shape) != len(spec.shape):
             raise InvalidRequest(
                 f"{label}: rank {len(shape)} does not match the model's "
-                f"{len(spec.shape)} (shape {_shape_text(spec.shape)})"
+                f"{len(spec.shape)} (shape {shape_text(spec.shape)})"
             )
         for axis, (dim, expected) in enumerate(zip(shape, spec.shape, strict=True)):
             if expected >= 0 and dim != expected:
                 raise InvalidRequest(
                     f"{label}: dimension {axis} is {dim}, the model needs {expected} "
-                    f"(shape {_shape_text(spec.shape)})"
+                    f"(shape {shape_text(spec.shape)})"
                 )
         if shape:
             rows = shape[0]
@@ -173,9 +201,9 @@ def validate_outputs(request: InferenceRequest, signature: ModelSignature) -> li
     names: list[str] = []
     for wanted in request.outputs:
         if wanted.name not in known:
-            raise InvalidRequest(f"unknown output {_label(wanted.name)}")
+            raise InvalidRequest(f"unknown output {quoted(wanted.name)}")
         if wanted.name in names:
-            raise InvalidRequest(f"output {_label(wanted.name)} is requested twice")
+            raise InvalidRequest(f"output {quoted(wanted.name)} is requested twice")
         names.append(wanted.name)
     return names
 
@@ -189,13 +217,13 @@ def _native(array: npt.NDArray[Any], datatype: str) -> npt.NDArray[Any]:
     return np.require(array, dtype=dtype, requirements=["C", "A"])
 
 
-def _clip(text: str, limit: int = 64) -> str:
+def clip(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _label(name: str) -> str:
-    return repr(_clip(name))
+def quoted(name: str) -> str:
+    return repr(clip(name))
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return _clip(str(list(shape)))
+def shape_text(shape: tuple[int, ...]) -> str:
+    return clip(str(list(shape)))

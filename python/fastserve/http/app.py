@@ -342,11 +342,12 @@ def _request_options(request: InferenceRequest, model: ServedModel) -> tuple[int
     return batching.priority_index(priority), timeout
 
 
-def check_values(model: ServedModel, arrays: list[Any], state: ServerState) -> None:
-    """The version's value schema: reject (400) or warn (count and log) on a failure."""
+def check_values(model: ServedModel, values: Any, state: ServerState) -> None:
+    """The version's value schema on ``values`` (the features, [rows, columns]): reject
+    (400) or warn (count and log) on a failure."""
     schema = model.schema
     assert schema is not None
-    failures = schema.compiled.check(arrays[schema.input_index])
+    failures = schema.compiled.check(values)
     metrics = state.registry.metrics
     metrics.request_validated(model.name, model.version, not failures)
     if not failures:
@@ -432,14 +433,22 @@ async def _infer(
         if inference is not raw:
             preprocessed = time.perf_counter_ns()
             preprocess_ns = preprocessed - decoded
-    if model.schema is not None:
+    features = None  # what the value schema checks, when not the model's input itself
+    if model.tabular is not None:
+        raw = inference
+        inference, features = model.tabular.apply(raw)
+        if inference is not raw:
+            preprocessed = time.perf_counter_ns()
+            preprocess_ns = preprocessed - decoded  # both pipelines, when both ran
+    elif model.schema is not None:
         inference = pack_features(inference, model.schema, model.signature)
     arrays = validate_inputs(
         inference, model.signature, max_batch_size=model.config.batching.max_batch_size
     )
     validate_outputs(inference, model.signature)
-    if model.schema is not None and model.config.validation != "off":
-        check_values(model, arrays, state)
+    schema = model.schema
+    if schema is not None and model.config.validation != "off":
+        check_values(model, arrays[schema.input_index] if features is None else features, state)
     priority, timeout_us = _request_options(inference, model)
     validated = time.perf_counter_ns()
     completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)

@@ -1,4 +1,4 @@
-"""Preprocessing declared in a model's config, run by the native core before validation.
+"""Image pipelines: raw or encoded images in, the model's float tensor out.
 
 An image pipeline (``preprocessing.image`` in ``config.yaml``) lets clients send what they
 have for a model that takes normalized FP32 or FP16 ``[N, C, H, W]`` (or ``[N, H, W, C]``):
@@ -32,9 +32,10 @@ from PIL import Image
 from fastserve import _core
 from fastserve.config import ImagePipeline
 from fastserve.errors import InvalidRequest
+from fastserve.preprocessing.common import PipelineMismatch, short_reason
 from fastserve.protocol import InferenceRequest, InputTensor, ModelSignature
 
-__all__ = ["ImagePreprocessor", "PipelineMismatch"]
+__all__ = ["ImagePreprocessor"]
 
 _DTYPES: Final = {"FP32": "float32", "FP16": "float16"}
 _MODES: Final = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -42,10 +43,6 @@ _FORMATS: Final = ("JPEG", "PNG")
 INLINE_PIXELS: Final = 1 << 16
 """Raw images up to this many source pixels per request are preprocessed on the event
 loop (a thread hop costs more than the kernel); larger ones in a worker thread."""
-
-
-class PipelineMismatch(ValueError):
-    """The declared pipeline cannot produce the model's input (a load error)."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +151,7 @@ class ImagePreprocessor:
             except Exception as exc:
                 raise InvalidRequest(
                     f"input '{self.input}': image {i} ({image.format}) could not be decoded"
-                    f"{_reason(exc)}"
+                    f"{short_reason(exc)}"
                 ) from None
         return [a if a.ndim == 3 else a[..., np.newaxis] for a in arrays]
 
@@ -185,10 +182,3 @@ class ImagePreprocessor:
         if pixels.shape[0] == 0 or pixels.shape[1] == 0 or pixels.shape[2] == 0:
             raise InvalidRequest(f"input '{self.input}': an image has no pixels")
         return list(pixels if rank == 4 else pixels[..., np.newaxis])
-
-
-def _reason(exc: BaseException, limit: int = 120) -> str:
-    text = str(exc).strip()
-    if not text:
-        return ""
-    return f": {text if len(text) <= limit else text[: limit - 3] + '...'}"
