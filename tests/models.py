@@ -104,3 +104,33 @@ def image_identity(
     return helper.make_model(
         graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
     )
+
+
+def sequence_model(
+    length: int | str = "length", mask_type: int = TensorProto.INT64
+) -> onnx.ModelProto:
+    """``ids`` INT64 [batch, length] and ``mask`` [batch, length] in; out: ``tokens`` (the ids
+    as the model got them), ``count`` (the mask's sum per row) and ``total`` (the sum of the
+    masked ids per row), INT64 [batch]."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", length])
+    mask = helper.make_tensor_value_info("mask", mask_type, ["batch", length])
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", length])
+    count = helper.make_tensor_value_info("count", TensorProto.INT64, ["batch"])
+    total = helper.make_tensor_value_info("total", TensorProto.INT64, ["batch"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["ids"], ["tokens"]),
+            helper.make_node("Cast", ["mask"], ["mask64"], to=TensorProto.INT64),
+            helper.make_node("ReduceSum", ["mask64", "axes"], ["count"], keepdims=0),
+            helper.make_node("Mul", ["ids", "mask64"], ["masked"]),
+            helper.make_node("ReduceSum", ["masked", "axes"], ["total"], keepdims=0),
+        ],
+        "sequences",
+        [ids, mask],
+        [tokens, count, total],
+        initializer=[axes],
+    )
+    return helper.make_model(
+        graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)]
+    )

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -263,7 +264,8 @@ struct PyCompletion {
 
 class PyBatcher {
  public:
-  explicit PyBatcher(const BatchPolicy& policy) : core_(Batcher::Create(policy)) {
+  PyBatcher(const BatchPolicy& policy, const std::optional<RaggedSpec>& ragged)
+      : core_(Batcher::Create(policy, ragged.value_or(RaggedSpec{}))) {
     keep_.reserve(static_cast<size_t>(std::min<int64_t>(policy.max_queue_size, 1 << 16)));
   }
   PyBatcher(const PyBatcher&) = delete;
@@ -621,6 +623,35 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("priority_levels", &BatchPolicy::priority_levels)
       .def("__repr__", &BatchPolicy::ToString);
 
+  py::class_<RaggedSpec>(m, "RaggedSpec")
+      .def(py::init([](std::vector<int64_t> inputs, std::vector<double> pad_values,
+                       int64_t fixed_length, int64_t max_length, const py::object& mask_dtype) {
+             RaggedSpec spec;
+             spec.inputs = std::move(inputs);
+             spec.pad_values = std::move(pad_values);
+             spec.fixed_length = fixed_length;
+             spec.max_length = max_length;
+             if (!mask_dtype.is_none()) {
+               spec.mask = true;
+               if (const char* problem =
+                       FromNumpyDType(py::dtype::from_args(mask_dtype), &spec.mask_dtype)) {
+                 throw py::value_error(std::string("mask dtype ") + problem);
+               }
+             }
+             spec.Validate();  // std::invalid_argument -> ValueError
+             return spec;
+           }),
+           py::kw_only(), py::arg("inputs"), py::arg("pad_values"), py::arg("fixed_length") = 0,
+           py::arg("max_length") = 0, py::arg("mask_dtype") = py::none(),
+           "Inputs (indexes) whose dimension 1 varies between requests: padded per batch "
+           "with their pad value to the longest (or fixed_length; truncated past "
+           "max_length), and with mask_dtype a mask input appended (1 = value, 0 = pad).")
+      .def_readonly("inputs", &RaggedSpec::inputs)
+      .def_readonly("pad_values", &RaggedSpec::pad_values)
+      .def_readonly("fixed_length", &RaggedSpec::fixed_length)
+      .def_readonly("max_length", &RaggedSpec::max_length)
+      .def_readonly("mask", &RaggedSpec::mask);
+
   py::class_<PyBatch>(m, "Batch")
       .def_property_readonly("id", &PyBatch::id)
       .def_property_readonly("rows", &PyBatch::rows)
@@ -647,7 +678,8 @@ PYBIND11_MODULE(_core, m) {
       .def("__repr__", &PyCompletion::Repr);
 
   py::class_<PyBatcher>(m, "Batcher")
-      .def(py::init<const BatchPolicy&>(), py::arg("policy"))
+      .def(py::init<const BatchPolicy&, const std::optional<RaggedSpec>&>(), py::arg("policy"),
+           py::arg("ragged") = py::none())
       .def("submit", &PyBatcher::Submit, py::arg("inputs"), py::arg("priority") = 0,
            py::arg("timeout_us") = -1, "Queue one request (no copy); returns its id.")
       .def("next_batch", &PyBatcher::NextBatch,

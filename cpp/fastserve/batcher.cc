@@ -30,10 +30,13 @@ struct Request {
   Request* level_next = nullptr;
   Request* group_prev = nullptr;  // in group->levels[level]
   Request* group_next = nullptr;
+  int64_t length = 0;               // the ragged inputs' dimension 1 (0 without any)
   std::vector<const void*> inputs;  // keeps its capacity across reuse
 };
 
-// Requests with one shape key: same number of inputs, dtypes and dims after the first.
+// Requests with one shape key: same number of inputs, dtypes and dims after the first (but
+// for the length of ragged inputs, which is -1 in the signature; their row_bytes is then the
+// bytes of one position).
 struct Group {
   std::vector<RowSignature> signature;
   std::vector<RequestList> levels;  // arrival order per priority level
@@ -178,31 +181,80 @@ Batch::~Batch() {
 
 void Batch::Gather() {
   const size_t n = signature_.size();
-  size_t total = 0;
-  for (const RowSignature& sig : signature_) total += AlignUp(rows_ * sig.row_bytes);
+  const RaggedSpec& ragged = owner_->ragged_;
+  int64_t length = 0;  // of the ragged inputs in this batch
+  if (ragged.enabled()) {
+    if (ragged.fixed_length > 0) {
+      length = ragged.fixed_length;
+    } else {
+      for (int64_t l : lengths_) length = std::max(length, l);
+      if (ragged.max_length > 0) length = std::min(length, ragged.max_length);
+    }
+  }
+  const bool mask = ragged.enabled() && ragged.mask;
+  const size_t mask_row_bytes = mask ? length * ItemSize(ragged.mask_dtype) : 0;
+  auto row_bytes = [&](size_t i) {
+    return owner_->RaggedSlot(i) >= 0 ? length * signature_[i].row_bytes : signature_[i].row_bytes;
+  };
+  size_t total = AlignUp(rows_ * mask_row_bytes);
+  for (size_t i = 0; i < n; ++i) total += AlignUp(rows_ * row_bytes(i));
   UniqueBuffer owned = AllocateBuffer(total);
   buffer_ = std::shared_ptr<uint8_t>(owned.release(), FreeDeleter());
-  inputs_.resize(n);
+  inputs_.resize(n + (mask ? 1 : 0));
   size_t offset = 0;
   for (size_t i = 0; i < n; ++i) {
     const RowSignature& sig = signature_[i];
+    const int slot = owner_->RaggedSlot(i);
     Tensor& t = inputs_[i];
     t.dtype = sig.dtype;
     t.shape.clear();
     t.shape.reserve(sig.trailing_dims.size() + 1);
     t.shape.push_back(rows_);
     t.shape.insert(t.shape.end(), sig.trailing_dims.begin(), sig.trailing_dims.end());
+    if (slot >= 0) t.shape[1] = length;
     t.data = buffer_.get() + offset;
-    t.bytes = rows_ * sig.row_bytes;
+    t.bytes = rows_ * row_bytes(i);
     offset += AlignUp(t.bytes);
     uint8_t* dst = t.data;
     for (size_t j = 0; j < requests_.size(); ++j) {
-      size_t bytes = requests_[j].rows * sig.row_bytes;
-      if (bytes > 0) std::memcpy(dst, sources_[j * n + i], bytes);
-      dst += bytes;
+      const auto* src = static_cast<const uint8_t*>(sources_[j * n + i]);
+      if (slot < 0) {
+        const size_t bytes = requests_[j].rows * sig.row_bytes;
+        if (bytes > 0) std::memcpy(dst, src, bytes);
+        dst += bytes;
+        continue;
+      }
+      // each row: the request's values up to the batch's length, then the pad value
+      const size_t unit = sig.row_bytes, item = ItemSize(sig.dtype);
+      const int64_t keep = std::min(lengths_[j], length);
+      const double pad = ragged.pad_values[static_cast<size_t>(slot)];
+      for (int64_t r = 0; r < requests_[j].rows; ++r) {
+        if (keep > 0) std::memcpy(dst, src + r * lengths_[j] * unit, keep * unit);
+        FillElements(sig.dtype, pad, dst + keep * unit,
+                     static_cast<int64_t>((length - keep) * unit / item));
+        dst += length * unit;
+      }
+    }
+  }
+  if (mask) {
+    Tensor& t = inputs_[n];
+    t.dtype = ragged.mask_dtype;
+    t.shape = {rows_, length};
+    t.data = buffer_.get() + offset;
+    t.bytes = rows_ * mask_row_bytes;
+    uint8_t* dst = t.data;
+    const size_t item = ItemSize(ragged.mask_dtype);
+    for (size_t j = 0; j < requests_.size(); ++j) {
+      const int64_t keep = std::min(lengths_[j], length);
+      for (int64_t r = 0; r < requests_[j].rows; ++r) {
+        FillElements(ragged.mask_dtype, 1.0, dst, keep);
+        FillElements(ragged.mask_dtype, 0.0, dst + keep * item, length - keep);
+        dst += mask_row_bytes;
+      }
     }
   }
   sources_.clear();
+  lengths_.clear();
   sources_.shrink_to_fit();
 }
 
@@ -313,8 +365,29 @@ void Batch::FailLocked(std::string_view message) {
 // ---------------------------------------------------------------------------------------------
 // Batcher
 
-std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy) {
+void RaggedSpec::Validate() const {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i] < 0) throw std::invalid_argument("ragged inputs are input indexes (>= 0)");
+    if (std::find(inputs.begin(), inputs.begin() + i, inputs[i]) != inputs.begin() + i) {
+      throw std::invalid_argument("ragged input " + std::to_string(inputs[i]) + " is listed twice");
+    }
+  }
+  if (pad_values.size() != inputs.size()) {
+    throw std::invalid_argument("ragged inputs need one pad value each");
+  }
+  if (fixed_length < 0 || max_length < 0 || fixed_length > kMaxBatchSizeLimit ||
+      max_length > kMaxBatchSizeLimit) {
+    throw std::invalid_argument("ragged lengths must be >= 0 (0: none) and sane");
+  }
+  if (mask && inputs.empty()) throw std::invalid_argument("a mask needs a ragged input");
+  if (mask && !FitsDType(mask_dtype, 1.0)) {
+    throw std::invalid_argument(std::string("a mask cannot be ") + DTypeName(mask_dtype));
+  }
+}
+
+std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const RaggedSpec& ragged) {
   policy.Validate();
+  ragged.Validate();
   int notify[2];
   int ready[2];
   if (::pipe2(notify, O_NONBLOCK | O_CLOEXEC) != 0) {
@@ -327,7 +400,7 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy) {
   }
   std::shared_ptr<Batcher> batcher;
   try {
-    batcher = std::shared_ptr<Batcher>(new Batcher(policy, notify, ready));
+    batcher = std::shared_ptr<Batcher>(new Batcher(policy, ragged, notify, ready));
   } catch (...) {
     ClosePipe(notify);
     ClosePipe(ready);
@@ -339,8 +412,10 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy) {
   return batcher;
 }
 
-Batcher::Batcher(const BatchPolicy& policy, const int (&notify)[2], const int (&ready)[2])
+Batcher::Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, const int (&notify)[2],
+                 const int (&ready)[2])
     : policy_(policy),
+      ragged_(ragged),
       rule_(policy),
       notify_read_fd_(notify[0]),
       notify_write_fd_(notify[1]),
@@ -364,6 +439,14 @@ Batcher::~Batcher() {
   ::close(notify_write_fd_);
   ::close(ready_read_fd_);
   ::close(ready_write_fd_);
+}
+
+int Batcher::RaggedSlot(size_t input) const {
+  const auto& list = ragged_.inputs;
+  for (size_t k = 0; k < list.size(); ++k) {
+    if (list[k] == static_cast<int64_t>(input)) return static_cast<int>(k);
+  }
+  return -1;
 }
 
 SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priority,
@@ -394,6 +477,7 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
   thread_local std::string key;
   key.clear();
   AppendRaw(&key, static_cast<uint32_t>(n));
+  int64_t length = -1;  // of the ragged inputs
   for (size_t i = 0; i < n; ++i) {
     const TensorView& in = inputs[i];
     if (in.rank == 0) return invalid(InputError(i, "needs rank >= 1 (rows first)"));
@@ -409,7 +493,31 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
     if (in.data == nullptr && row_bytes > 0) return invalid(InputError(i, "has no data"));
     AppendRaw(&key, static_cast<uint8_t>(in.dtype));
     AppendRaw(&key, static_cast<uint32_t>(in.rank));
-    key.append(reinterpret_cast<const char*>(in.dims + 1), (in.rank - 1) * sizeof(int64_t));
+    const int slot = RaggedSlot(i);
+    if (slot < 0) {
+      key.append(reinterpret_cast<const char*>(in.dims + 1), (in.rank - 1) * sizeof(int64_t));
+      continue;
+    }
+    // ragged: the length is not part of the key; every ragged input of a request shares it
+    if (in.rank < 2) return invalid(InputError(i, "is ragged and needs rank >= 2 (rows, length)"));
+    if (length < 0) {
+      length = in.dims[1];
+    } else if (in.dims[1] != length) {
+      return invalid(InputError(i, "has length " + std::to_string(in.dims[1]) +
+                                       " but the request's other ragged inputs have " +
+                                       std::to_string(length)));
+    }
+    if (!FitsDType(in.dtype, ragged_.pad_values[static_cast<size_t>(slot)])) {
+      return invalid(InputError(
+          i, std::string("cannot be padded: the pad value is not a ") + DTypeName(in.dtype)));
+    }
+    key.append(reinterpret_cast<const char*>(in.dims + 2), (in.rank - 2) * sizeof(int64_t));
+  }
+  for (int64_t index : ragged_.inputs) {
+    if (index >= static_cast<int64_t>(n)) {
+      return invalid("ragged input " + std::to_string(index) + " is missing (the request has " +
+                     std::to_string(n) + " inputs)");
+    }
   }
 
   const int64_t now = NowNs();
@@ -450,6 +558,7 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
   r->deadline_ns = deadline;
   r->level = static_cast<uint32_t>(priority);
   r->group = group;
+  r->length = std::max<int64_t>(length, 0);
   for (size_t i = 0; i < n; ++i) r->inputs[i] = inputs[i].data;
   ListPushBack<&Request::level_prev, &Request::level_next>(&levels_[r->level], r);
   ListPushBack<&Request::group_prev, &Request::group_next>(&group->levels[r->level], r);
@@ -766,12 +875,14 @@ std::unique_ptr<Batch> Batcher::ExtractLocked(const ReleaseDecision& decision, i
   batch->signature_ = group->signature;
   batch->requests_.resize(decision.count);
   batch->sources_.resize(decision.count * n);
+  if (ragged_.enabled()) batch->lengths_.resize(decision.count);
   int64_t offset = 0;
   for (size_t j = 0; j < decision.count; ++j) {
     Request* r = candidates_[j];
     batch->requests_[j] = BatchRequest{r->id, r->rows, offset, now - r->submit_ns};
     offset += r->rows;
     std::copy(r->inputs.begin(), r->inputs.end(), batch->sources_.begin() + j * n);
+    if (ragged_.enabled()) batch->lengths_[j] = r->length;
     UnlinkLocked(r);
     FreeRequestLocked(r);
   }
@@ -799,6 +910,11 @@ Group* Batcher::FindOrCreateGroupLocked(const std::string& key, const TensorView
     sig.dtype = inputs[i].dtype;
     sig.trailing_dims.assign(inputs[i].dims + 1, inputs[i].dims + inputs[i].rank);
     sig.row_bytes = static_cast<size_t>(RowBytes(inputs[i].dtype, inputs[i].dims, inputs[i].rank));
+    if (RaggedSlot(i) >= 0) {  // the bytes of one position; the length comes per batch
+      sig.trailing_dims[0] = -1;
+      sig.row_bytes =
+          static_cast<size_t>(RowBytes(inputs[i].dtype, inputs[i].dims + 1, inputs[i].rank - 1));
+    }
   }
   Group* raw = group.get();
   groups_.emplace(key, std::move(group));

@@ -51,6 +51,23 @@ struct SubmitResult {
 enum class CompletionStatus : uint8_t { kOk = 0, kTimeout, kError };
 const char* CompletionStatusName(CompletionStatus status);  // "ok", "timeout", "error"
 
+// Inputs whose dimension 1 (a sequence's length) may differ between the requests of one
+// batch. At gather, every row of them is padded (or truncated) to the batch's length, and a
+// mask input may be appended after the request's inputs. The rows of one request share its
+// length (a request is a dense tensor); requests of other lengths share the batch.
+struct RaggedSpec {
+  std::vector<int64_t> inputs;     // indexes of the ragged inputs (rank >= 2); empty: none
+  std::vector<double> pad_values;  // one per ragged input, written past a row's end
+  int64_t fixed_length = 0;        // > 0: every row padded or truncated to this length
+  int64_t max_length = 0;          // > 0 (fixed_length 0): longer rows truncated to this
+  bool mask = false;               // append [rows, length]: 1 at a position with a value, else 0
+  DType mask_dtype = DType::kInt64;
+
+  bool enabled() const { return !inputs.empty(); }
+  // Throws std::invalid_argument naming the first bad field.
+  void Validate() const;
+};
+
 // Dtype and trailing dims of each output; shared by the completions of one batch.
 struct OutputLayout {
   std::vector<RowSignature> outputs;
@@ -109,7 +126,8 @@ class Batch {
   ReleaseReason reason() const { return reason_; }
   int64_t rows() const { return rows_; }
   const std::vector<BatchRequest>& requests() const { return requests_; }
-  // One contiguous tensor per input, shape (rows, *dims), all in input_buffer().
+  // One contiguous tensor per input, shape (rows, *dims), all in input_buffer(); ragged inputs
+  // have the batch's length as dims[0], and the mask (when the spec asks) comes last.
   const std::vector<Tensor>& inputs() const { return inputs_; }
   const std::shared_ptr<uint8_t>& input_buffer() const { return buffer_; }
   bool finished() const { return finished_.load(std::memory_order_acquire); }
@@ -140,6 +158,7 @@ class Batch {
   std::vector<BatchRequest> requests_;
   std::vector<RowSignature> signature_;  // per input
   std::vector<const void*> sources_;     // [request * num_inputs + input], until gathered
+  std::vector<int64_t> lengths_;         // per request: its ragged inputs' length
   std::shared_ptr<uint8_t> buffer_;
   std::vector<Tensor> inputs_;
   std::atomic<bool> finished_{false};
@@ -149,7 +168,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
  public:
   // Throws std::invalid_argument for a bad policy, std::system_error when the notify pipe or
   // the timer thread cannot be created.
-  static std::shared_ptr<Batcher> Create(const BatchPolicy& policy);
+  // `ragged`: inputs of variable length, padded per batch (default: none). Throws
+  // std::invalid_argument for a bad spec too.
+  static std::shared_ptr<Batcher> Create(const BatchPolicy& policy, const RaggedSpec& ragged = {});
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
   ~Batcher();
@@ -187,6 +208,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool stopped() const;
   BatcherStats stats() const;
   const BatchPolicy& policy() const { return policy_; }
+  const RaggedSpec& ragged() const { return ragged_; }
 
  private:
   friend class Batch;
@@ -199,7 +221,10 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
     Request* request;
   };
 
-  Batcher(const BatchPolicy& policy, const int (&notify)[2], const int (&ready)[2]);
+  Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, const int (&notify)[2],
+          const int (&ready)[2]);
+  // Position of input i in ragged_.inputs, or -1 when it is not ragged.
+  int RaggedSlot(size_t input) const;
   void TimerLoop();
   // Gathers a released batch (outside mu_); out of memory fails its requests instead (none
   // is lost) and returns false, and the caller takes the next batch.
@@ -227,6 +252,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   void ArmReleaseTimerLocked(int64_t at_ns);  // mu_ held: wake the timer thread by at_ns
 
   const BatchPolicy policy_;
+  const RaggedSpec ragged_;
   const ReleaseRule rule_;
   const int notify_read_fd_;
   const int notify_write_fd_;

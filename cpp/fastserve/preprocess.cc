@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fastserve/parallel.h"
+#include "fastserve/tensor.h"
 
 namespace fastserve {
 namespace {
@@ -121,33 +122,6 @@ void Rows(const ImageView& image, const ImageSpec& spec, const Prepared& p, int6
 }
 
 }  // namespace
-
-uint16_t FloatToHalf(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  const auto sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  uint32_t abs = bits & 0x7fffffffu;
-  if (abs >= 0x47800000u) {  // >= 65536 (rounds to infinity), infinity or NaN
-    return sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u);
-  }
-  if (abs < 0x38800000u) {  // below 2^-14, the smallest normal half: subnormal or zero
-    // Adding 0.5 makes the float unit round the value to a multiple of 2^-24 (a half
-    // subnormal's step), to nearest even; the low mantissa bits are then the half's bits.
-    constexpr uint32_t kHalf = 0x3f000000u;  // 0.5f
-    float magnitude, magic;
-    std::memcpy(&magnitude, &abs, sizeof magnitude);
-    std::memcpy(&magic, &kHalf, sizeof magic);
-    magnitude += magic;
-    uint32_t sum;
-    std::memcpy(&sum, &magnitude, sizeof sum);
-    return sign | static_cast<uint16_t>(sum - kHalf);
-  }
-  // Normal: rebias the exponent and round the 13 dropped mantissa bits to nearest even (a
-  // carry into the exponent is right, up to infinity for values from 65520).
-  const uint32_t odd = (abs >> 13) & 1u;
-  abs += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + odd;
-  return sign | static_cast<uint16_t>(abs >> 13);
-}
 
 int64_t ImageSlotBytes(const ImageSpec& spec) {
   const int64_t item = spec.fp16 ? 2 : 4;

@@ -51,10 +51,6 @@ void PreprocessImage(const ImageView& image, const ImageSpec& spec, void* out);
 void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, void* out,
                       int threads = 0);
 
-// IEEE binary16 bits of `value`, rounded to nearest even; overflow gives infinity, NaN stays
-// NaN (quiet). Portable: compilers without a half type use it too.
-uint16_t FloatToHalf(float value);
-
 }  // namespace fastserve
 
 #endif  // FASTSERVE_PREPROCESS_H_

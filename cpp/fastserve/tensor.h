@@ -85,6 +85,16 @@ struct RowSignature {
 
 std::string ShapeToString(const int64_t* dims, size_t rank);
 
+// IEEE binary16 bits of `value`, rounded to nearest even; overflow gives infinity, NaN stays
+// NaN (quiet). Portable: compilers without a half type use it too.
+uint16_t FloatToHalf(float value);
+
+// Whether `value` is exactly an element of `dtype` (integers: whole and in range; bool: 0 or
+// 1; floats: any value, rounded; complex: never).
+bool FitsDType(DType dtype, double value);
+// Writes `count` elements of `dtype`, each `value` (which FitsDType), from `dst` on.
+void FillElements(DType dtype, double value, void* dst, int64_t count);
+
 }  // namespace fastserve
 
 #endif  // FASTSERVE_TENSOR_H_

@@ -676,5 +676,129 @@ TEST(BatcherTest, ConcurrentRequestsAreDeliveredExactlyOnceToTheRightId) {
   EXPECT_TRUE(extra.empty());
 }
 
+// Int64 sequences, [rows, length] each row filled with `first, first + 1, ...`.
+struct Sequence {
+  Sequence(int64_t rows, int64_t length, int64_t first) : dims{rows, length} {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t p = 0; p < length; ++p) data.push_back(first + r * 100 + p);
+    }
+  }
+  std::vector<int64_t> data;
+  std::vector<int64_t> dims;
+  TensorView view() const { return TensorView{data.data(), DType::kInt64, dims.data(), 2}; }
+};
+
+RaggedSpec Ragged(int64_t fixed = 0, int64_t max = 0) {
+  RaggedSpec spec;
+  spec.inputs = {0};
+  spec.pad_values = {-1.0};
+  spec.fixed_length = fixed;
+  spec.max_length = max;
+  spec.mask = true;
+  spec.mask_dtype = DType::kInt32;
+  return spec;
+}
+
+std::vector<int64_t> Values(const Tensor& t) {
+  const auto* p = reinterpret_cast<const int64_t*>(t.data);
+  return std::vector<int64_t>(p, p + t.bytes / sizeof(int64_t));
+}
+
+std::vector<int32_t> Mask(const Tensor& t) {
+  const auto* p = reinterpret_cast<const int32_t*>(t.data);
+  return std::vector<int32_t>(p, p + t.bytes / sizeof(int32_t));
+}
+
+TEST(BatcherRaggedTest, RequestsOfOtherLengthsShareABatchPaddedToTheLongest) {
+  auto b = Batcher::Create(Policy(4), Ragged());
+  const Sequence a(1, 2, 10), c(2, 3, 20), d(1, 1, 30);
+  for (const Sequence* s : {&a, &c, &d}) {
+    TensorView v = s->view();
+    ASSERT_EQ(b->Submit(&v, 1, 0, -1).code, SubmitCode::kOk);
+  }
+  std::unique_ptr<Batch> batch = b->NextBatch();  // 4 rows: full
+  ASSERT_NE(batch, nullptr);
+  ASSERT_EQ(batch->rows(), 4);
+  ASSERT_EQ(batch->inputs().size(), 2u);  // the sequences, then the mask
+  const Tensor& ids = batch->inputs()[0];
+  EXPECT_EQ(ids.shape, (std::vector<int64_t>{4, 3}));
+  EXPECT_EQ(Values(ids), (std::vector<int64_t>{10, 11, -1,  //
+                                               20, 21, 22,  //
+                                               120, 121, 122, 30, -1, -1}));
+  const Tensor& mask = batch->inputs()[1];
+  EXPECT_EQ(mask.dtype, DType::kInt32);
+  EXPECT_EQ(mask.shape, (std::vector<int64_t>{4, 3}));
+  EXPECT_EQ(Mask(mask), (std::vector<int32_t>{1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0}));
+}
+
+TEST(BatcherRaggedTest, FixedAndMaximumLengthsTruncate) {
+  for (auto [spec, expected_length] : {std::pair{Ragged(4), int64_t{4}}, {Ragged(0, 2), 2}}) {
+    auto b = Batcher::Create(Policy(2), spec);
+    const Sequence a(1, 3, 0), c(1, 5, 50);
+    for (const Sequence* s : {&a, &c}) {
+      TensorView v = s->view();
+      ASSERT_EQ(b->Submit(&v, 1, 0, -1).code, SubmitCode::kOk);
+    }
+    std::unique_ptr<Batch> batch = b->NextBatch();
+    ASSERT_NE(batch, nullptr);
+    const Tensor& ids = batch->inputs()[0];
+    ASSERT_EQ(ids.shape, (std::vector<int64_t>{2, expected_length}));
+    if (expected_length == 4) {
+      EXPECT_EQ(Values(ids), (std::vector<int64_t>{0, 1, 2, -1, 50, 51, 52, 53}));
+      EXPECT_EQ(Mask(batch->inputs()[1]), (std::vector<int32_t>{1, 1, 1, 0, 1, 1, 1, 1}));
+    } else {
+      EXPECT_EQ(Values(ids), (std::vector<int64_t>{0, 1, 50, 51}));
+    }
+  }
+}
+
+TEST(BatcherRaggedTest, OtherInputsStillSplitBatchesByShape) {
+  RaggedSpec spec = Ragged();
+  spec.mask = false;
+  auto b = Batcher::Create(Policy(2), spec);
+  const Sequence a(1, 2, 0), c(1, 4, 0);
+  OwnedInput narrow(1, 3, 1.0f), wide(1, 5, 1.0f);
+  TensorView first[2] = {a.view(), narrow.view()};
+  TensorView second[2] = {c.view(), wide.view()};
+  ASSERT_EQ(b->Submit(first, 2, 0, -1).code, SubmitCode::kOk);
+  ASSERT_EQ(b->Submit(second, 2, 0, -1).code, SubmitCode::kOk);
+  b->Stop();  // drain: each shape its own batch
+  std::unique_ptr<Batch> one = b->NextBatch(), two = b->NextBatch();
+  ASSERT_NE(one, nullptr);
+  ASSERT_NE(two, nullptr);
+  EXPECT_EQ(one->rows(), 1);
+  EXPECT_EQ(two->rows(), 1);
+  EXPECT_EQ(one->inputs().size(), 2u);  // no mask asked for
+  EXPECT_EQ(one->inputs()[0].shape, (std::vector<int64_t>{1, 2}));
+}
+
+TEST(BatcherRaggedTest, RefusesBadSpecsAndRequests) {
+  RaggedSpec spec = Ragged();
+  spec.pad_values = {};
+  EXPECT_THROW(Batcher::Create(Policy(2), spec), std::invalid_argument);
+  spec = Ragged();
+  spec.inputs = {0, 0};
+  spec.pad_values = {0, 0};
+  EXPECT_THROW(Batcher::Create(Policy(2), spec), std::invalid_argument);
+  spec = Ragged();
+  spec.mask_dtype = DType::kComplex64;
+  EXPECT_THROW(Batcher::Create(Policy(2), spec), std::invalid_argument);
+
+  spec = Ragged();
+  spec.inputs = {0, 1};
+  spec.pad_values = {0.0, 0.5};  // 0.5 is no int64
+  auto b = Batcher::Create(Policy(2), spec);
+  const Sequence a(1, 2, 0), c(1, 3, 0);
+  TensorView pair[2] = {a.view(), c.view()};
+  SubmitResult r = b->Submit(pair, 2, 0, -1);
+  EXPECT_EQ(r.code, SubmitCode::kInvalid);
+  EXPECT_NE(r.error.find("has length 3 but"), std::string::npos) << r.error;
+  TensorView same[2] = {a.view(), a.view()};
+  r = b->Submit(same, 2, 0, -1);
+  EXPECT_NE(r.error.find("cannot be padded"), std::string::npos) << r.error;
+  r = b->Submit(same, 1, 0, -1);
+  EXPECT_NE(r.error.find("ragged input 1 is missing"), std::string::npos) << r.error;
+}
+
 }  // namespace
 }  // namespace fastserve

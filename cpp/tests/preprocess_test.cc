@@ -2,11 +2,10 @@
 
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <vector>
+
+#include "fastserve/tensor.h"
 
 namespace fastserve {
 namespace {
@@ -65,43 +64,6 @@ TEST(PreprocessTest, ManyImagesOnManyThreadsMatchOneAtATime) {
     for (size_t k = 0; k < one.size(); ++k) ASSERT_EQ(batch[i * one.size() + k], one[k]);
   }
 }
-
-TEST(PreprocessTest, HalfConversionRoundsToNearestEven) {
-  EXPECT_EQ(FloatToHalf(0.0f), 0x0000);
-  EXPECT_EQ(FloatToHalf(-0.0f), 0x8000);
-  EXPECT_EQ(FloatToHalf(1.0f), 0x3c00);
-  EXPECT_EQ(FloatToHalf(-2.0f), 0xc000);
-  EXPECT_EQ(FloatToHalf(65504.0f), 0x7bff);         // the largest half
-  EXPECT_EQ(FloatToHalf(65519.99f), 0x7bff);        // below the midpoint to 65536
-  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);         // the midpoint rounds to even: infinity
-  EXPECT_EQ(FloatToHalf(1.0f + 0x1p-11f), 0x3c00);  // tie between 1 and 1 + 2^-10: even
-  EXPECT_EQ(FloatToHalf(1.0f + 0x3p-11f), 0x3c02);  // tie: up to the even neighbour
-  EXPECT_EQ(FloatToHalf(0x1p-24f), 0x0001);         // the smallest subnormal
-  EXPECT_EQ(FloatToHalf(0x1p-25f), 0x0000);         // half of it: a tie, to even (zero)
-  EXPECT_EQ(FloatToHalf(0x1.8p-25f), 0x0001);
-  EXPECT_EQ(FloatToHalf(0x1.ff8p-15f), 0x03ff);  // the largest subnormal
-  EXPECT_EQ(FloatToHalf(0x1.ffcp-15f), 0x0400);  // a tie: to even, the smallest normal
-  EXPECT_EQ(FloatToHalf(std::numeric_limits<float>::infinity()), 0x7c00);
-  EXPECT_EQ(FloatToHalf(-std::numeric_limits<float>::infinity()), 0xfc00);
-  EXPECT_EQ(FloatToHalf(std::numeric_limits<float>::quiet_NaN()) & 0x7e00, 0x7e00);
-  EXPECT_EQ(FloatToHalf(1e30f), 0x7c00);
-}
-
-#ifdef __FLT16_MAX__
-// Where the compiler has a half type, it is the reference for a sweep of float patterns.
-TEST(PreprocessTest, HalfConversionMatchesTheCompilersHalfType) {
-  for (uint64_t bits = 0; bits <= 0xffffffffu; bits += 997) {
-    const auto pattern = static_cast<uint32_t>(bits);
-    float value;
-    std::memcpy(&value, &pattern, sizeof value);
-    if (std::isnan(value)) continue;
-    const _Float16 half = static_cast<_Float16>(value);
-    uint16_t expected;
-    std::memcpy(&expected, &half, sizeof expected);
-    ASSERT_EQ(FloatToHalf(value), expected) << "float bits " << std::hex << pattern;
-  }
-}
-#endif
 
 TEST(PreprocessTest, Fp16OutputIsTheRoundedFp32Output) {
   std::vector<uint8_t> pixels(7 * 5);

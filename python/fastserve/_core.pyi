@@ -75,8 +75,24 @@ class Completion:
     @property
     def batch_rows(self) -> int: ...
 
+class RaggedSpec:
+    def __init__(
+        self,
+        *,
+        inputs: Sequence[int],
+        pad_values: Sequence[float],
+        fixed_length: int = 0,
+        max_length: int = 0,
+        mask_dtype: Any = None,
+    ) -> None: ...
+    inputs: list[int]
+    pad_values: list[float]
+    fixed_length: int
+    max_length: int
+    mask: bool
+
 class Batcher:
-    def __init__(self, policy: BatchPolicy) -> None: ...
+    def __init__(self, policy: BatchPolicy, ragged: RaggedSpec | None = None) -> None: ...
     def submit(self, inputs: Sequence[_Array], priority: int = 0, timeout_us: int = -1) -> int: ...
     def next_batch(self) -> Batch | None: ...
     def try_next_batch(self) -> Batch | None: ...

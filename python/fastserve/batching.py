@@ -62,7 +62,13 @@ class ModelBatcher:
         config: BatchingConfig,
         runners: Sequence[Runner],
         execution: Execution = "threads",
+        *,
+        ragged: _core.RaggedSpec | None = None,
+        input_order: Sequence[int] | None = None,
     ) -> None:
+        """``ragged``: inputs the core pads per batch (a sequence pipeline);
+        ``input_order``: for each model input, its position among a batch's tensors (the
+        request's inputs, then the mask), when they differ."""
         if not runners:
             raise ValueError("a batcher needs at least one runner (model instance)")
         if execution == "event_loop" and len(runners) != 1:
@@ -73,7 +79,8 @@ class ModelBatcher:
         self.batch_sizes = BatchSizes()
         self.observer: Callable[[list[Any], list[Any]], None] | None = None
         """Called with each batch's inputs and outputs before it is answered (drift)."""
-        self._core = _core.Batcher(make_policy(config))
+        self._core = _core.Batcher(make_policy(config), ragged)
+        self._order = tuple(input_order) if input_order is not None else None
         self._runners = list(runners)
         self._threads: list[threading.Thread] = []
         self._pending: dict[int, asyncio.Future[_core.Completion]] = {}
@@ -187,6 +194,8 @@ class ModelBatcher:
         started = time.perf_counter_ns()
         try:
             inputs = batch.inputs
+            if self._order is not None:
+                inputs = [inputs[k] for k in self._order]
             outputs = runner(inputs)
             if self.observer is not None:
                 self._observe(inputs, outputs)

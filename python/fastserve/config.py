@@ -269,14 +269,58 @@ class TabularPipeline(_Strict):
         return self
 
 
+class SequencePipeline(_Strict):
+    """Variable-length sequences in, padded batches out: requests whose ``inputs`` differ in
+    length (dimension 1) share a batch; the native batcher pads every row to the batch's
+    longest (or to ``length``) with ``pad`` and writes the attention mask into ``mask``."""
+
+    inputs: tuple[str, ...] = Field(min_length=1)
+    """Model inputs ``[batch, length, ...]`` of variable length; a request's inputs share
+    their length."""
+    pad: float | dict[str, float] = 0.0
+    """The value written past a row's end: one for all inputs, or one per input."""
+    mask: str | None = None
+    """The model input that gets the attention mask (1 at a value, 0 in padding); clients
+    do not send it."""
+    length: int | None = Field(None, ge=1)
+    """Pad or truncate every row to this length (default: the batch's longest row, or the
+    model's own fixed length)."""
+    max_length: int | None = Field(None, ge=1)
+    """Truncate rows longer than this (with no fixed ``length``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SequencePipeline:
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError("inputs must be distinct")
+        if self.mask is not None and self.mask in self.inputs:
+            raise ValueError(f"mask '{self.mask}' is also one of the inputs")
+        if isinstance(self.pad, dict) and set(self.pad) != set(self.inputs):
+            raise ValueError("pad: one value for each of the inputs, or one number for all")
+        if self.length is not None and self.max_length is not None:
+            raise ValueError("length (fixed) and max_length exclude each other")
+        return self
+
+    def pad_of(self, name: str) -> float:
+        return self.pad[name] if isinstance(self.pad, dict) else self.pad
+
+
 class PreprocessingConfig(_Strict):
     image: ImagePipeline | None = None
     tabular: TabularPipeline | None = None
+    sequence: SequencePipeline | None = None
 
     @model_validator(mode="after")
     def _check_inputs(self) -> PreprocessingConfig:
-        if self.image and self.tabular and self.image.input == self.tabular.input:
-            raise ValueError("the image and tabular pipelines feed the same input")
+        fed: list[str] = []
+        if self.image is not None:
+            fed.append(self.image.input)
+        if self.tabular is not None:
+            fed.append(self.tabular.input)
+        if self.sequence is not None:
+            fed += [*self.sequence.inputs, *([self.sequence.mask] if self.sequence.mask else [])]
+        twice = sorted({name for name in fed if fed.count(name) > 1})
+        if twice:
+            raise ValueError(f"two pipelines feed the same input: {', '.join(twice)}")
         return self
 
 

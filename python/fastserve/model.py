@@ -14,7 +14,12 @@ from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
 from fastserve.errors import ModelLoadError
 from fastserve.monitoring.drift import DriftMonitor, load_drift_monitor
-from fastserve.preprocessing import ImagePreprocessor, PipelineMismatch, TabularPreprocessor
+from fastserve.preprocessing import (
+    ImagePreprocessor,
+    PipelineMismatch,
+    SequencePreprocessor,
+    TabularPreprocessor,
+)
 from fastserve.profiling import REFERENCE_FILE, ReferenceProfile
 from fastserve.protocol import ModelSignature
 from fastserve.schema import SCHEMA_FILE, InputSchema, load_input_schema, load_pipeline_schema
@@ -92,6 +97,15 @@ class ServedModel:
     """The config's image pipeline, checked against the model's input."""
     tabular: TabularPreprocessor | None = None
     """The config's tabular pipeline; with one, ``schema`` checks its raw numeric features."""
+    sequence: SequencePreprocessor | None = None
+    """The config's sequence pipeline: the batcher pads its inputs and writes the mask."""
+
+    @property
+    def accepts(self) -> ModelSignature:
+        """What a request may send: the model's inputs, or a sequence pipeline's view of
+        them (no mask, free lengths)."""
+        return self.sequence.accepts if self.sequence is not None else self.signature
+
     request_stats: RequestStats = field(default_factory=RequestStats)
     inflight: int = 0
     """Requests holding this version between choosing it and answering (event loop only)."""
@@ -114,7 +128,14 @@ class ServedModel:
         signature = sessions[0].signature
         folder = model_file.parent
         pipelines = config.preprocessing
-        schema = _schema(name, version, folder / SCHEMA_FILE, signature, config)
+        sequence = None
+        if pipelines.sequence is not None:
+            try:
+                sequence = SequencePreprocessor.for_model(pipelines.sequence, signature)
+            except PipelineMismatch as exc:
+                raise ModelLoadError(name, version, f"preprocessing.sequence: {exc}") from None
+        accepts = sequence.accepts if sequence is not None else signature
+        schema = _schema(name, version, folder / SCHEMA_FILE, accepts, config)
         if config.warmup:
             for session in sessions:
                 try:
@@ -133,7 +154,7 @@ class ServedModel:
             try:
                 tabular = TabularPreprocessor.for_model(
                     pipelines.tabular,
-                    signature,
+                    accepts,
                     reference,
                     schema.compiled.feature_names if schema is not None else None,
                 )
@@ -146,13 +167,18 @@ class ServedModel:
                      name, version)  # fmt: skip
         elif config.drift.enabled and reference_file.exists():
             try:
-                drift = load_drift_monitor(reference_file, signature, schema, config)
+                drift = load_drift_monitor(reference_file, accepts, schema, config)
             except Exception as exc:  # a bad file refuses the load, as a bad schema does
                 problem = _short(f"{exc.__class__.__name__}: {exc}")
                 raise ModelLoadError(name, version, f"{REFERENCE_FILE}: {problem}") from None
         execution = resolve_execution(config, sessions[0].provider)
         batcher = ModelBatcher(
-            f"{name}:{version}", config.batching, [s.run for s in sessions], execution
+            f"{name}:{version}",
+            config.batching,
+            [s.run for s in sessions],
+            execution,
+            ragged=sequence.ragged if sequence is not None else None,
+            input_order=sequence.order if sequence is not None else None,
         )
         log.info(
             "model %s:%s loaded: %d instance(s), max batch %d, batches run on %s",
@@ -162,9 +188,8 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
-        return cls(
-            name, version, config, signature, sessions, batcher, schema, drift, preprocess, tabular
-        )
+        return cls(name, version, config, signature, sessions, batcher, schema, drift,
+                   preprocess, tabular, sequence)  # fmt: skip
 
     def start(self, loop: asyncio.AbstractEventLoop, *, monitoring: bool = True) -> None:
         """Start the batcher; with ``monitoring``, each batch feeds the drift sketches."""
@@ -193,6 +218,6 @@ class ServedModel:
             "name": self.name,
             "versions": versions,
             "platform": PLATFORM,
-            "inputs": [spec.as_metadata() for spec in self.signature.inputs],
+            "inputs": [spec.as_metadata() for spec in self.accepts.inputs],
             "outputs": [spec.as_metadata() for spec in self.signature.outputs],
         }

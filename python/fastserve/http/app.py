@@ -441,9 +441,9 @@ async def _infer(
             preprocessed = time.perf_counter_ns()
             preprocess_ns = preprocessed - decoded  # both pipelines, when both ran
     elif model.schema is not None:
-        inference = pack_features(inference, model.schema, model.signature)
+        inference = pack_features(inference, model.schema, model.accepts)
     arrays = validate_inputs(
-        inference, model.signature, max_batch_size=model.config.batching.max_batch_size
+        inference, model.accepts, max_batch_size=model.config.batching.max_batch_size
     )
     validate_outputs(inference, model.signature)
     schema = model.schema

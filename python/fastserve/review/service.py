@@ -380,7 +380,7 @@ class Review:
                 reason,
                 version,
                 shadow_version,
-                tensors(signature.inputs, arrays),
+                tensors(model.accepts.inputs, arrays),
                 tensors(signature.outputs, outputs),
                 None if shadow_outputs is None else tensors(signature.outputs, shadow_outputs),
                 confidence,
