@@ -4,6 +4,7 @@ its own FP32 tensor; an FP16 model gets the kernel's FP16 output."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -88,12 +89,19 @@ async def test_raw_pixels_of_any_size_get_the_tensors_answer(
         assert await labels(s, raw_body(pixels)) == expected
         assert await labels(s, raw_body(bigger)) == expected
         assert await labels(s, raw_body(pixels[..., np.newaxis])) == expected  # [N, H, W, 1]
+        # raw pixels and a ready tensor share one batch: the batcher transforms the pixels
+        # into their slot as it gathers, so no request had a preprocess stage of its own
+        srv.registry.get("digits").batcher.hold(2)
+        both = await asyncio.gather(labels(s, raw_body(bigger[:3])), labels(s, tensor))
+        assert both == [expected[:3], expected]
+        async with s.get("/v2/models/digits/stats") as resp:
+            stats = await resp.json()
+        assert 15 in [b["batch_size"] for b in stats["model_stats"][0]["batch_stats"]]
         async with s.get("/metrics") as resp:
             metrics = await resp.text()
-        # the three raw requests went through the pipeline (the tensor one did not)
         assert (
             'fastserve_request_stage_duration_seconds_count{model="digits",stage="preprocess",'
-            'version="1"} 3.0'
+            'version="1"} 0.0'
         ) in metrics
         for bad, message in (
             (np.zeros((1, 8, 8, 3), np.uint8), "UINT8 images must be [N, height, width, 1]"),
@@ -157,6 +165,13 @@ async def test_png_and_jpeg_files_get_the_answer_of_their_pixels(
         # JSON carries the files in base64
         text = [base64.b64encode(p).decode() for p in pngs]
         assert await labels(s, files_body(text, content_type="base64")) == expected  # type: ignore[arg-type]
+        async with s.get("/metrics") as resp:
+            metrics = await resp.text()
+        # the four requests of files: decoded and preprocessed in a worker thread, a stage each
+        assert (
+            'fastserve_request_stage_duration_seconds_count{model="digits",stage="preprocess",'
+            'version="1"} 4.0'
+        ) in metrics
 
 
 async def test_bad_image_files_are_refused_with_the_reason(

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -262,10 +263,24 @@ struct PyCompletion {
   }
 };
 
+// Transforms by input index, as the core takes them (nullptr where none).
+InputTransforms ByIndex(const std::map<int64_t, std::shared_ptr<ImageTransform>>& transforms) {
+  InputTransforms out;
+  for (const auto& [index, transform] : transforms) {
+    if (index < 0 || index > 1024) throw py::value_error("transforms are keyed by input index");
+    if (transform == nullptr) throw py::value_error("a transform is None");
+    if (out.size() <= static_cast<size_t>(index)) out.resize(static_cast<size_t>(index) + 1);
+    out[static_cast<size_t>(index)] = transform;
+  }
+  return out;
+}
+
 class PyBatcher {
  public:
-  PyBatcher(const BatchPolicy& policy, const std::optional<RaggedSpec>& ragged)
-      : core_(Batcher::Create(policy, ragged.value_or(RaggedSpec{}))) {
+  PyBatcher(const BatchPolicy& policy, const std::optional<RaggedSpec>& ragged,
+            const std::map<int64_t, std::shared_ptr<ImageTransform>>& transforms)
+      : core_(Batcher::Create(policy, ragged.value_or(RaggedSpec{}), ByIndex(transforms))),
+        transformed_(!transforms.empty()) {
     keep_.reserve(static_cast<size_t>(std::min<int64_t>(policy.max_queue_size, 1 << 16)));
   }
   PyBatcher(const PyBatcher&) = delete;
@@ -351,7 +366,16 @@ class PyBatcher {
   }
 
   // The event loop is the worker: the GIL stays held (nothing else would run meanwhile).
-  py::object TryNextBatch() { return Wrap(core_->TryNextBatch()); }
+  py::object TryNextBatch() {
+    if (!transformed_) return Wrap(core_->TryNextBatch());
+    // Gathering may transform images: let the other threads (decoders) run meanwhile.
+    std::unique_ptr<Batch> batch;
+    {
+      py::gil_scoped_release release;
+      batch = core_->TryNextBatch();
+    }
+    return Wrap(std::move(batch));
+  }
 
   py::list Poll(int64_t timeout_ms) {
     std::vector<Completion> items;
@@ -413,6 +437,7 @@ class PyBatcher {
 
  private:
   std::shared_ptr<Batcher> core_;
+  bool transformed_ = false;  // it has input transforms: gathering may take a while
   // request id -> strong reference to its input arrays; GIL must be held.
   std::unordered_map<uint64_t, PyObject*> keep_;
   std::vector<Completion> carry_;  // GIL must be held
@@ -483,6 +508,33 @@ void UpdateSketch(DriftSketch& sketch, const py::array& arr) {
 }
 
 }  // namespace
+// The checked ImageSpec of the binding's arguments (ValueError naming what is wrong).
+ImageSpec MakeImageSpec(int64_t out_h, int64_t out_w, std::vector<float> mean,
+                        std::vector<float> std, const std::string& aspect,
+                        const std::string& layout, const std::string& dtype) {
+  ImageSpec spec;
+  spec.out_h = out_h;
+  spec.out_w = out_w;
+  spec.mean = std::move(mean);
+  spec.std = std::move(std);
+  spec.channels = static_cast<int64_t>(spec.mean.size());
+  if (aspect == "stretch") {
+    spec.aspect = Aspect::kStretch;
+  } else if (aspect == "shorter_side") {
+    spec.aspect = Aspect::kShorterSide;
+  } else {
+    throw py::value_error("aspect must be 'stretch' or 'shorter_side'");
+  }
+  if (layout != "chw" && layout != "hwc") throw py::value_error("layout must be chw or hwc");
+  spec.chw = layout == "chw";
+  if (dtype != "float32" && dtype != "float16") {
+    throw py::value_error("dtype must be float32 or float16");
+  }
+  spec.fp16 = dtype == "float16";
+  CheckImageSpec(spec);
+  return spec;
+}
+
 // A checked TabularSpec and its output width, built once per model version.
 class PyTabularKernel {
  public:
@@ -623,6 +675,21 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("priority_levels", &BatchPolicy::priority_levels)
       .def("__repr__", &BatchPolicy::ToString);
 
+  py::class_<ImageTransform, std::shared_ptr<ImageTransform>>(m, "ImageTransform")
+      .def(
+          py::init([](int64_t out_h, int64_t out_w, std::vector<float> mean, std::vector<float> std,
+                      const std::string& aspect, const std::string& layout,
+                      const std::string& dtype, int threads) {
+            return std::make_shared<ImageTransform>(
+                MakeImageSpec(out_h, out_w, std::move(mean), std::move(std), aspect, layout, dtype),
+                threads);
+          }),
+          py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
+          py::arg("aspect") = "stretch", py::arg("layout") = "chw", py::arg("dtype") = "float32",
+          py::arg("threads") = 0,
+          "The image pipeline of preprocess_images as a batcher transform: uint8 "
+          "[n, h, w, channels] requests become the model's rows while a batch is gathered.");
+
   py::class_<RaggedSpec>(m, "RaggedSpec")
       .def(py::init([](std::vector<int64_t> inputs, std::vector<double> pad_values,
                        int64_t fixed_length, int64_t max_length, const py::object& mask_dtype) {
@@ -678,8 +745,12 @@ PYBIND11_MODULE(_core, m) {
       .def("__repr__", &PyCompletion::Repr);
 
   py::class_<PyBatcher>(m, "Batcher")
-      .def(py::init<const BatchPolicy&, const std::optional<RaggedSpec>&>(), py::arg("policy"),
-           py::arg("ragged") = py::none())
+      .def(py::init<const BatchPolicy&, const std::optional<RaggedSpec>&,
+                    const std::map<int64_t, std::shared_ptr<ImageTransform>>&>(),
+           py::arg("policy"), py::arg("ragged") = py::none(),
+           py::arg("transforms") = std::map<int64_t, std::shared_ptr<ImageTransform>>{},
+           "transforms: input index -> what its raw (uint8) requests become while a batch "
+           "is gathered.")
       .def("submit", &PyBatcher::Submit, py::arg("inputs"), py::arg("priority") = 0,
            py::arg("timeout_us") = -1, "Queue one request (no copy); returns its id.")
       .def("next_batch", &PyBatcher::NextBatch,
@@ -757,26 +828,8 @@ PYBIND11_MODULE(_core, m) {
       [](const py::list& images, int64_t out_h, int64_t out_w, std::vector<float> mean,
          std::vector<float> std, const std::string& aspect, const std::string& layout,
          const std::string& dtype, int threads) {
-        ImageSpec spec;
-        spec.out_h = out_h;
-        spec.out_w = out_w;
-        spec.mean = std::move(mean);
-        spec.std = std::move(std);
-        spec.channels = static_cast<int64_t>(spec.mean.size());
-        if (aspect == "stretch") {
-          spec.aspect = Aspect::kStretch;
-        } else if (aspect == "shorter_side") {
-          spec.aspect = Aspect::kShorterSide;
-        } else {
-          throw py::value_error("aspect must be 'stretch' or 'shorter_side'");
-        }
-        if (layout != "chw" && layout != "hwc") throw py::value_error("layout must be chw or hwc");
-        spec.chw = layout == "chw";
-        if (dtype != "float32" && dtype != "float16") {
-          throw py::value_error("dtype must be float32 or float16");
-        }
-        spec.fp16 = dtype == "float16";
-        CheckImageSpec(spec);
+        ImageSpec spec =
+            MakeImageSpec(out_h, out_w, std::move(mean), std::move(std), aspect, layout, dtype);
         // hold every image (a C-contiguous uint8 view, copied only when it is not one)
         std::vector<py::array_t<uint8_t, py::array::c_style>> held;
         std::vector<ImageView> views;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <system_error>
 #include <utility>
 
@@ -30,8 +31,9 @@ struct Request {
   Request* level_next = nullptr;
   Request* group_prev = nullptr;  // in group->levels[level]
   Request* group_next = nullptr;
-  int64_t length = 0;               // the ragged inputs' dimension 1 (0 without any)
-  std::vector<const void*> inputs;  // keeps its capacity across reuse
+  int64_t length = 0;                          // the ragged inputs' dimension 1 (0 without any)
+  std::vector<const void*> inputs;             // keeps its capacity across reuse
+  std::vector<std::vector<int64_t>> raw_dims;  // per input: dims of a transformed one
 };
 
 // Requests with one shape key: same number of inputs, dtypes and dims after the first (but
@@ -220,7 +222,13 @@ void Batch::Gather() {
       const auto* src = static_cast<const uint8_t*>(sources_[j * n + i]);
       if (slot < 0) {
         const size_t bytes = requests_[j].rows * sig.row_bytes;
-        if (bytes > 0) std::memcpy(dst, src, bytes);
+        const std::vector<int64_t>* raw = raw_dims_.empty() ? nullptr : &raw_dims_[j * n + i];
+        if (raw != nullptr && !raw->empty()) {
+          const InputTransform& transform = *owner_->transforms_[i];
+          transform.Apply({src, transform.source_dtype(), raw->data(), raw->size()}, dst);
+        } else if (bytes > 0) {
+          std::memcpy(dst, src, bytes);
+        }
         dst += bytes;
         continue;
       }
@@ -255,6 +263,7 @@ void Batch::Gather() {
   }
   sources_.clear();
   lengths_.clear();
+  raw_dims_.clear();
   sources_.shrink_to_fit();
 }
 
@@ -385,9 +394,16 @@ void RaggedSpec::Validate() const {
   }
 }
 
-std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const RaggedSpec& ragged) {
+std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const RaggedSpec& ragged,
+                                         InputTransforms transforms) {
   policy.Validate();
   ragged.Validate();
+  for (int64_t index : ragged.inputs) {
+    if (index < static_cast<int64_t>(transforms.size()) && transforms[index] != nullptr) {
+      throw std::invalid_argument("input " + std::to_string(index) +
+                                  " cannot be both ragged and transformed");
+    }
+  }
   int notify[2];
   int ready[2];
   if (::pipe2(notify, O_NONBLOCK | O_CLOEXEC) != 0) {
@@ -400,7 +416,8 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
   }
   std::shared_ptr<Batcher> batcher;
   try {
-    batcher = std::shared_ptr<Batcher>(new Batcher(policy, ragged, notify, ready));
+    batcher =
+        std::shared_ptr<Batcher>(new Batcher(policy, ragged, std::move(transforms), notify, ready));
   } catch (...) {
     ClosePipe(notify);
     ClosePipe(ready);
@@ -412,10 +429,11 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
   return batcher;
 }
 
-Batcher::Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, const int (&notify)[2],
-                 const int (&ready)[2])
+Batcher::Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, InputTransforms transforms,
+                 const int (&notify)[2], const int (&ready)[2])
     : policy_(policy),
       ragged_(ragged),
+      transforms_(std::move(transforms)),
       rule_(policy),
       notify_read_fd_(notify[0]),
       notify_write_fd_(notify[1]),
@@ -439,6 +457,12 @@ Batcher::~Batcher() {
   ::close(notify_write_fd_);
   ::close(ready_read_fd_);
   ::close(ready_write_fd_);
+}
+
+const InputTransform* Batcher::TransformFor(size_t i, const TensorView& input) const {
+  if (i >= transforms_.size() || transforms_[i] == nullptr) return nullptr;
+  const InputTransform* t = transforms_[i].get();
+  return input.dtype == t->source_dtype() ? t : nullptr;
 }
 
 int Batcher::RaggedSlot(size_t input) const {
@@ -478,6 +502,8 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
   key.clear();
   AppendRaw(&key, static_cast<uint32_t>(n));
   int64_t length = -1;  // of the ragged inputs
+  thread_local std::vector<char> transformed;
+  transformed.assign(n, 0);
   for (size_t i = 0; i < n; ++i) {
     const TensorView& in = inputs[i];
     if (in.rank == 0) return invalid(InputError(i, "needs rank >= 1 (rows first)"));
@@ -491,6 +517,18 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
       return invalid(InputError(i, "has an invalid shape " + ShapeToString(in.dims, in.rank)));
     }
     if (in.data == nullptr && row_bytes > 0) return invalid(InputError(i, "has no data"));
+    if (const InputTransform* t = TransformFor(i, in)) {
+      // keyed by what it becomes: it batches with requests that send those rows themselves
+      std::string problem = t->Check(in);
+      if (!problem.empty()) return invalid(InputError(i, problem));
+      transformed[i] = 1;
+      const RowSignature& out = t->output();
+      AppendRaw(&key, static_cast<uint8_t>(out.dtype));
+      AppendRaw(&key, static_cast<uint32_t>(out.trailing_dims.size() + 1));
+      key.append(reinterpret_cast<const char*>(out.trailing_dims.data()),
+                 out.trailing_dims.size() * sizeof(int64_t));
+      continue;
+    }
     AppendRaw(&key, static_cast<uint8_t>(in.dtype));
     AppendRaw(&key, static_cast<uint32_t>(in.rank));
     const int slot = RaggedSlot(i);
@@ -541,11 +579,19 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
     result.code = SubmitCode::kQueueFull;
     return result;
   }
-  Group* group = FindOrCreateGroupLocked(key, inputs, n);
+  Group* group = FindOrCreateGroupLocked(key, inputs, n, transformed);
   const int head_level = HeadLevelLocked();
   Request* r = AllocRequestLocked();
   try {
     r->inputs.resize(n);
+    r->raw_dims.resize(transforms_.empty() ? 0 : n);
+    for (size_t i = 0; i < r->raw_dims.size(); ++i) {
+      if (transformed[i]) {
+        r->raw_dims[i].assign(inputs[i].dims, inputs[i].dims + inputs[i].rank);
+      } else {
+        r->raw_dims[i].clear();
+      }
+    }
     if (deadline != 0) deadlines_.reserve(deadlines_.size() + 1);
   } catch (...) {
     FreeRequestLocked(r);  // out of memory: nothing was queued
@@ -652,6 +698,9 @@ bool Batcher::GatherOrFail(Batch* batch) {
     return true;
   } catch (const std::bad_alloc&) {
     batch->Fail("out of memory while gathering batch " + std::to_string(batch->id()));
+    return false;
+  } catch (const std::exception& e) {  // a transform's error: this batch's alone
+    batch->Fail("gathering batch " + std::to_string(batch->id()) + " failed: " + e.what());
     return false;
   }
 }
@@ -876,6 +925,7 @@ std::unique_ptr<Batch> Batcher::ExtractLocked(const ReleaseDecision& decision, i
   batch->requests_.resize(decision.count);
   batch->sources_.resize(decision.count * n);
   if (ragged_.enabled()) batch->lengths_.resize(decision.count);
+  if (!transforms_.empty()) batch->raw_dims_.resize(decision.count * n);
   int64_t offset = 0;
   for (size_t j = 0; j < decision.count; ++j) {
     Request* r = candidates_[j];
@@ -883,6 +933,9 @@ std::unique_ptr<Batch> Batcher::ExtractLocked(const ReleaseDecision& decision, i
     offset += r->rows;
     std::copy(r->inputs.begin(), r->inputs.end(), batch->sources_.begin() + j * n);
     if (ragged_.enabled()) batch->lengths_[j] = r->length;
+    for (size_t i = 0; i < r->raw_dims.size(); ++i) {
+      batch->raw_dims_[j * n + i].swap(r->raw_dims[i]);  // no allocation under the lock
+    }
     UnlinkLocked(r);
     FreeRequestLocked(r);
   }
@@ -892,8 +945,8 @@ std::unique_ptr<Batch> Batcher::ExtractLocked(const ReleaseDecision& decision, i
   return batch;
 }
 
-Group* Batcher::FindOrCreateGroupLocked(const std::string& key, const TensorView* inputs,
-                                        size_t n) {
+Group* Batcher::FindOrCreateGroupLocked(const std::string& key, const TensorView* inputs, size_t n,
+                                        const std::vector<char>& transformed) {
   auto it = groups_.find(key);
   if (it != groups_.end()) return it->second.get();
   if (groups_.size() >= kMaxIdleGroups) {
@@ -907,6 +960,10 @@ Group* Batcher::FindOrCreateGroupLocked(const std::string& key, const TensorView
   group->signature.resize(n);
   for (size_t i = 0; i < n; ++i) {
     RowSignature& sig = group->signature[i];
+    if (transformed[i]) {
+      sig = transforms_[i]->output();
+      continue;
+    }
     sig.dtype = inputs[i].dtype;
     sig.trailing_dims.assign(inputs[i].dims + 1, inputs[i].dims + inputs[i].rank);
     sig.row_bytes = static_cast<size_t>(RowBytes(inputs[i].dtype, inputs[i].dims, inputs[i].rank));

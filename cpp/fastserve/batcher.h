@@ -23,6 +23,7 @@
 
 #include "fastserve/batch_policy.h"
 #include "fastserve/tensor.h"
+#include "fastserve/transform.h"
 
 namespace fastserve {
 
@@ -67,6 +68,9 @@ struct RaggedSpec {
   // Throws std::invalid_argument naming the first bad field.
   void Validate() const;
 };
+
+// Per input index, the transform its raw requests get at gather (nullptr: none).
+using InputTransforms = std::vector<std::shared_ptr<const InputTransform>>;
 
 // Dtype and trailing dims of each output; shared by the completions of one batch.
 struct OutputLayout {
@@ -159,6 +163,8 @@ class Batch {
   std::vector<RowSignature> signature_;  // per input
   std::vector<const void*> sources_;     // [request * num_inputs + input], until gathered
   std::vector<int64_t> lengths_;         // per request: its ragged inputs' length
+  // [request * num_inputs + input]: the raw dims of a transformed input; empty otherwise
+  std::vector<std::vector<int64_t>> raw_dims_;
   std::shared_ptr<uint8_t> buffer_;
   std::vector<Tensor> inputs_;
   std::atomic<bool> finished_{false};
@@ -168,9 +174,11 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
  public:
   // Throws std::invalid_argument for a bad policy, std::system_error when the notify pipe or
   // the timer thread cannot be created.
-  // `ragged`: inputs of variable length, padded per batch (default: none). Throws
-  // std::invalid_argument for a bad spec too.
-  static std::shared_ptr<Batcher> Create(const BatchPolicy& policy, const RaggedSpec& ragged = {});
+  // `ragged`: inputs of variable length, padded per batch (default: none); `transforms`: per
+  // input, what its raw requests become at gather. Throws std::invalid_argument for a bad
+  // spec too (a ragged input cannot be transformed).
+  static std::shared_ptr<Batcher> Create(const BatchPolicy& policy, const RaggedSpec& ragged = {},
+                                         InputTransforms transforms = {});
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
   ~Batcher();
@@ -221,8 +229,10 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
     Request* request;
   };
 
-  Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, const int (&notify)[2],
-          const int (&ready)[2]);
+  Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, InputTransforms transforms,
+          const int (&notify)[2], const int (&ready)[2]);
+  // The transform a request's input i gets, or nullptr (none declared, or another dtype).
+  const InputTransform* TransformFor(size_t i, const TensorView& input) const;
   // Position of input i in ragged_.inputs, or -1 when it is not ragged.
   int RaggedSlot(size_t input) const;
   void TimerLoop();
@@ -241,7 +251,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   int HeadLevelLocked() const;   // -1 when empty
   bool DecideLocked(int64_t now, ReleaseDecision* decision);  // fills candidates_
   std::unique_ptr<Batch> ExtractLocked(const ReleaseDecision& decision, int64_t now);
-  Group* FindOrCreateGroupLocked(const std::string& key, const TensorView* inputs, size_t n);
+  // transformed[i]: input i is raw and takes its transform's output signature.
+  Group* FindOrCreateGroupLocked(const std::string& key, const TensorView* inputs, size_t n,
+                                 const std::vector<char>& transformed);
   Request* AllocRequestLocked();
   void FreeRequestLocked(Request* r);
   void UnlinkLocked(Request* r);
@@ -253,6 +265,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   const BatchPolicy policy_;
   const RaggedSpec ragged_;
+  const InputTransforms transforms_;
   const ReleaseRule rule_;
   const int notify_read_fd_;
   const int notify_write_fd_;

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "fastserve/parallel.h"
 #include "fastserve/tensor.h"
@@ -165,6 +166,38 @@ void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spe
     const int64_t end = std::min(begin + block, spec.out_h);
     Rows(images[i], spec, prepared[i], begin, end, static_cast<uint8_t*>(out) + i * slot);
   });
+}
+
+ImageTransform::ImageTransform(ImageSpec spec, int threads)
+    : spec_(std::move(spec)), threads_(threads) {
+  CheckImageSpec(spec_);
+  output_.dtype = spec_.fp16 ? DType::kFloat16 : DType::kFloat32;
+  if (spec_.chw) {
+    output_.trailing_dims = {spec_.channels, spec_.out_h, spec_.out_w};
+  } else {
+    output_.trailing_dims = {spec_.out_h, spec_.out_w, spec_.channels};
+  }
+  output_.row_bytes = static_cast<size_t>(ImageSlotBytes(spec_));
+}
+
+std::string ImageTransform::Check(const TensorView& input) const {
+  const bool gray = spec_.channels == 1 && input.rank == 3;
+  if (!(input.rank == 4 && input.dims[3] == spec_.channels) && !gray) {
+    return "must be uint8 images [n, height, width, " + std::to_string(spec_.channels) + "]" +
+           (spec_.channels == 1 ? " or [n, height, width]" : "");
+  }
+  if (input.dims[1] < 1 || input.dims[2] < 1) return "has images with no pixels";
+  return "";
+}
+
+void ImageTransform::Apply(const TensorView& input, void* out) const {
+  const int64_t n = input.dims[0], h = input.dims[1], w = input.dims[2];
+  const int64_t row_stride = w * spec_.channels;
+  const auto* data = static_cast<const uint8_t*>(input.data);
+  std::vector<ImageView> images;
+  images.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) images.push_back({data + i * h * row_stride, h, w, row_stride});
+  PreprocessImages(images, spec_, out, threads_);
 }
 
 }  // namespace fastserve

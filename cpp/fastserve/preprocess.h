@@ -4,7 +4,10 @@
 #define FASTSERVE_PREPROCESS_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "fastserve/transform.h"
 
 namespace fastserve {
 
@@ -50,6 +53,25 @@ void PreprocessImage(const ImageView& image, const ImageSpec& spec, void* out);
 // spread over `threads` threads (<= 0: the hardware's count).
 void PreprocessImages(const std::vector<ImageView>& images, const ImageSpec& spec, void* out,
                       int threads = 0);
+
+// The image pipeline as a batcher input transform: a request's UINT8 [n, h, w, channels]
+// (or [n, h, w] for one channel), any h and w, becomes n rows of the model's tensor in the
+// batch buffer, with no array in between.
+class ImageTransform : public InputTransform {
+ public:
+  // Checks the spec (std::invalid_argument). threads: as PreprocessImages.
+  explicit ImageTransform(ImageSpec spec, int threads = 0);
+  DType source_dtype() const override { return DType::kUInt8; }
+  const RowSignature& output() const override { return output_; }
+  std::string Check(const TensorView& input) const override;
+  void Apply(const TensorView& input, void* out) const override;
+  const ImageSpec& spec() const { return spec_; }
+
+ private:
+  ImageSpec spec_;
+  int threads_;
+  RowSignature output_;
+};
 
 }  // namespace fastserve
 

@@ -14,6 +14,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fastserve/preprocess.h"
+
 namespace fastserve {
 namespace {
 
@@ -798,6 +800,64 @@ TEST(BatcherRaggedTest, RefusesBadSpecsAndRequests) {
   EXPECT_NE(r.error.find("cannot be padded"), std::string::npos) << r.error;
   r = b->Submit(same, 1, 0, -1);
   EXPECT_NE(r.error.find("ragged input 1 is missing"), std::string::npos) << r.error;
+}
+
+std::shared_ptr<const InputTransform> GrayTo3x3() {
+  ImageSpec spec;
+  spec.out_h = 3;
+  spec.out_w = 3;
+  spec.channels = 1;
+  spec.mean = {0.0f};
+  spec.std = {1.0f};
+  return std::make_shared<ImageTransform>(spec, 1);
+}
+
+TEST(BatcherTransformTest, RawImagesAreTransformedWhileGatheredBesideReadyTensors) {
+  auto b = Batcher::Create(Policy(3), {}, {GrayTo3x3()});
+  std::vector<uint8_t> pixels(6 * 5);
+  for (size_t k = 0; k < pixels.size(); ++k) pixels[k] = static_cast<uint8_t>(k * 8);
+  const int64_t raw_dims[3] = {1, 6, 5};  // [n, h, w]: one channel
+  const TensorView raw{pixels.data(), DType::kUInt8, raw_dims, 3};
+  OwnedInput ready(1, 9, 0.25f);  // [1, 9] is not [1, 1, 3, 3]: its own batch
+  std::vector<float> tensor(9, 0.5f);
+  const int64_t tensor_dims[4] = {1, 1, 3, 3};
+  const TensorView same{tensor.data(), DType::kFloat32, tensor_dims, 4};
+  ASSERT_EQ(b->Submit(&raw, 1, 0, -1).code, SubmitCode::kOk);
+  ASSERT_EQ(b->Submit(&same, 1, 0, -1).code, SubmitCode::kOk);
+  TensorView other = ready.view();
+  ASSERT_EQ(b->Submit(&other, 1, 0, -1).code, SubmitCode::kOk);
+  b->Stop();
+  std::unique_ptr<Batch> batch = b->NextBatch();
+  ASSERT_NE(batch, nullptr);
+  ASSERT_EQ(batch->rows(), 2);  // the raw image and the ready tensor of its shape
+  const Tensor& images = batch->inputs()[0];
+  EXPECT_EQ(images.dtype, DType::kFloat32);
+  EXPECT_EQ(images.shape, (std::vector<int64_t>{2, 1, 3, 3}));
+  std::vector<float> expected(9);
+  ImageView view{pixels.data(), 6, 5, 5};
+  ImageSpec spec = static_cast<const ImageTransform&>(*GrayTo3x3()).spec();
+  PreprocessImage(view, spec, expected.data());
+  const auto* got = reinterpret_cast<const float*>(images.data);
+  for (size_t k = 0; k < 9; ++k) {
+    EXPECT_FLOAT_EQ(got[k], expected[k]) << k;
+    EXPECT_FLOAT_EQ(got[9 + k], 0.5f) << k;
+  }
+  std::unique_ptr<Batch> rest = b->NextBatch();
+  ASSERT_NE(rest, nullptr);
+  EXPECT_EQ(rest->inputs()[0].shape, (std::vector<int64_t>{1, 9}));
+}
+
+TEST(BatcherTransformTest, RefusesRawInputsItCannotTransform) {
+  auto b = Batcher::Create(Policy(3), {}, {GrayTo3x3()});
+  std::vector<uint8_t> pixels(2 * 2 * 3);
+  const int64_t color[4] = {1, 2, 2, 3};
+  const TensorView rgb{pixels.data(), DType::kUInt8, color, 4};
+  SubmitResult r = b->Submit(&rgb, 1, 0, -1);
+  EXPECT_EQ(r.code, SubmitCode::kInvalid);
+  EXPECT_NE(r.error.find("must be uint8 images [n, height, width, 1]"), std::string::npos)
+      << r.error;
+  RaggedSpec ragged = Ragged();
+  EXPECT_THROW(Batcher::Create(Policy(3), ragged, {GrayTo3x3()}), std::invalid_argument);
 }
 
 }  // namespace

@@ -91,8 +91,26 @@ class RaggedSpec:
     max_length: int
     mask: bool
 
+class ImageTransform:
+    def __init__(
+        self,
+        out_h: int,
+        out_w: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aspect: str = "stretch",
+        layout: str = "chw",
+        dtype: str = "float32",
+        threads: int = 0,
+    ) -> None: ...
+
 class Batcher:
-    def __init__(self, policy: BatchPolicy, ragged: RaggedSpec | None = None) -> None: ...
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        ragged: RaggedSpec | None = None,
+        transforms: dict[int, ImageTransform] = ...,
+    ) -> None: ...
     def submit(self, inputs: Sequence[_Array], priority: int = 0, timeout_us: int = -1) -> int: ...
     def next_batch(self) -> Batch | None: ...
     def try_next_batch(self) -> Batch | None: ...

@@ -64,9 +64,12 @@ class ModelBatcher:
         execution: Execution = "threads",
         *,
         ragged: _core.RaggedSpec | None = None,
+        transforms: dict[int, _core.ImageTransform] | None = None,
         input_order: Sequence[int] | None = None,
     ) -> None:
-        """``ragged``: inputs the core pads per batch (a sequence pipeline);
+        """``ragged``: inputs the core pads per batch (a sequence pipeline); ``transforms``:
+        by input index, what the core turns raw requests into while it gathers (an image
+        pipeline);
         ``input_order``: for each model input, its position among a batch's tensors (the
         request's inputs, then the mask), when they differ."""
         if not runners:
@@ -79,7 +82,7 @@ class ModelBatcher:
         self.batch_sizes = BatchSizes()
         self.observer: Callable[[list[Any], list[Any]], None] | None = None
         """Called with each batch's inputs and outputs before it is answered (drift)."""
-        self._core = _core.Batcher(make_policy(config), ragged)
+        self._core = _core.Batcher(make_policy(config), ragged, transforms or {})
         self._order = tuple(input_order) if input_order is not None else None
         self._runners = list(runners)
         self._threads: list[threading.Thread] = []

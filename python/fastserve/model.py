@@ -70,6 +70,16 @@ def _schema(
         raise ModelLoadError(name, version, f"{SCHEMA_FILE}: {problem}") from None
 
 
+def _transforms(
+    preprocess: ImagePreprocessor | None, accepts: ModelSignature
+) -> dict[int, Any] | None:
+    """By request input index, the batcher transforms of the version's image pipeline."""
+    if preprocess is None:
+        return None
+    index = next(i for i, s in enumerate(accepts.inputs) if s.name == preprocess.input)
+    return {index: preprocess.transform()}
+
+
 def _reference(name: str, version: str, path: Path) -> ReferenceProfile | None:
     """The version's ``reference.json``, when it has one; a bad file refuses the load."""
     if not path.exists():
@@ -99,6 +109,11 @@ class ServedModel:
     """The config's tabular pipeline; with one, ``schema`` checks its raw numeric features."""
     sequence: SequencePreprocessor | None = None
     """The config's sequence pipeline: the batcher pads its inputs and writes the mask."""
+
+    @property
+    def raw_input(self) -> tuple[str, str] | None:
+        """(input, datatype) a request may send raw for the batcher to transform."""
+        return (self.preprocess.input, "UINT8") if self.preprocess is not None else None
 
     @property
     def accepts(self) -> ModelSignature:
@@ -178,6 +193,7 @@ class ServedModel:
             [s.run for s in sessions],
             execution,
             ragged=sequence.ragged if sequence is not None else None,
+            transforms=_transforms(preprocess, accepts),
             input_order=sequence.order if sequence is not None else None,
         )
         log.info(

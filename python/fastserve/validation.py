@@ -19,7 +19,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fastserve.errors import InvalidRequest
-from fastserve.protocol import DATATYPE_TO_NUMPY, InferenceRequest, InputTensor, ModelSignature
+from fastserve.protocol import (
+    DATATYPE_TO_NUMPY,
+    InferenceRequest,
+    InputTensor,
+    ModelSignature,
+    TensorSpec,
+)
 from fastserve.schema import InputSchema
 
 __all__ = [
@@ -132,12 +138,18 @@ def name_list(names: Sequence[str]) -> str:
 
 
 def validate_inputs(
-    request: InferenceRequest, signature: ModelSignature, *, max_batch_size: int
+    request: InferenceRequest,
+    signature: ModelSignature,
+    *,
+    max_batch_size: int,
+    raw: tuple[str, str] | None = None,
 ) -> list[npt.NDArray[Any]]:
     """The request's input arrays in the signature's input order, ready for the batcher.
 
     Every model input is required. The first dimension of every input is the batch
-    dimension: it must be 1..max_batch_size and the same for all inputs.
+    dimension: it must be 1..max_batch_size and the same for all inputs. ``raw``: (input,
+    datatype) that input may also come as, already checked by its pipeline and transformed
+    by the batcher (raw UINT8 images), so only its rows are checked here.
     Raises InvalidRequest naming the input at fault.
     """
     given: dict[str, InputTensor] = {}
@@ -159,8 +171,11 @@ def validate_inputs(
     arrays: list[npt.NDArray[Any]] = []
     batch: int | None = None
     first = ""
-    for spec in signature.inputs:
-        tensor = given[spec.name]
+    for model_spec in signature.inputs:
+        tensor = given[model_spec.name]
+        spec = model_spec
+        if raw is not None and raw == (spec.name, tensor.datatype):  # any shape: rows checked
+            spec = TensorSpec(spec.name, tensor.datatype, (-1,) * len(tensor.shape))
         label = f"input {quoted(spec.name)}"
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(

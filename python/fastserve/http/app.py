@@ -443,7 +443,10 @@ async def _infer(
     elif model.schema is not None:
         inference = pack_features(inference, model.schema, model.accepts)
     arrays = validate_inputs(
-        inference, model.accepts, max_batch_size=model.config.batching.max_batch_size
+        inference,
+        model.accepts,
+        max_batch_size=model.config.batching.max_batch_size,
+        raw=model.raw_input,
     )
     validate_outputs(inference, model.signature)
     schema = model.schema

@@ -11,9 +11,12 @@ have for a model that takes normalized FP32 or FP16 ``[N, C, H, W]`` (or ``[N, H
   the input says ``"parameters": {"content_type": "base64"}`` (MLServer's convention) and
   each element is the file in base64.
 
-``_core.preprocess_images`` then does the resize, normalization, layout and cast in one
-pass per output row, across threads, with the GIL released. The pipeline is checked
-against the model's input when the version loads.
+The native kernel does the resize, normalization, layout and cast in one pass per output
+row, across threads, with the GIL released: for raw pixels inside the batcher, which writes
+each image straight into its slot of the batch buffer as it gathers the batch
+(``_core.ImageTransform``); for decoded files per request, in the decoding thread
+(``_core.preprocess_images``). The pipeline is checked against the model's input when the
+version loads.
 """
 
 from __future__ import annotations
@@ -40,9 +43,6 @@ __all__ = ["ImagePreprocessor"]
 _DTYPES: Final = {"FP32": "float32", "FP16": "float16"}
 _MODES: Final = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _FORMATS: Final = ("JPEG", "PNG")
-INLINE_PIXELS: Final = 1 << 16
-"""Raw images up to this many source pixels per request are preprocessed on the event
-loop (a thread hop costs more than the kernel); larger ones in a worker thread."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,18 @@ class ImagePreprocessor:
         return cls(spec.name, height, width, channels, layout, spec.datatype, pipeline.mean,
                    pipeline.std, pipeline.aspect, pipeline.max_decoded_pixels)  # fmt: skip
 
+    def transform(self) -> _core.ImageTransform:
+        """The pipeline as the batcher runs it on raw UINT8 requests: each image is written
+        into its slot of the batch buffer while the batch is gathered."""
+        return _core.ImageTransform(
+            self.height, self.width, list(self.mean), list(self.std), self.aspect,
+            self.layout, _DTYPES[self.datatype],
+        )  # fmt: skip
+
     async def apply(self, request: InferenceRequest) -> InferenceRequest:
-        """``request`` with its UINT8 or encoded image input turned into the model's tensor;
-        ``request`` itself when it sends the model's own tensor (validation decides)."""
+        """``request`` with its encoded images decoded and turned into the model's tensor
+        (in a worker thread). Raw UINT8 images are only checked: the batcher transforms them
+        as it gathers the batch (``transform``). ``request`` itself when nothing changed."""
         index = next(
             (
                 i
@@ -103,11 +112,8 @@ class ImagePreprocessor:
             files = self._files(tensor)
             out = await loop.run_in_executor(None, lambda: self.run(self.decode(files)))
         else:
-            images = self._pixels(tensor.data)
-            if tensor.data.size <= INLINE_PIXELS * self.channels:
-                out = self.run(images)
-            else:
-                out = await loop.run_in_executor(None, self.run, images)
+            self._pixels(tensor.data)  # checked here; the batcher transforms it (transform())
+            return request
         inputs = list(request.inputs)
         inputs[index] = InputTensor(
             self.input, self.datatype, tuple(out.shape), out, tensor.parameters
