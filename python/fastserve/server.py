@@ -110,10 +110,15 @@ class Server:
         config = self.config
         log.info("watching %s for changes (%s)", config.repository, config.watch)
         if config.watch == "poll":
-            # The polling watcher takes its first snapshot a poll later, in its own thread:
-            # apply everything once after that, so an edit made before it is not missed.
+            # The polling watcher takes its first snapshot a poll later, in its own thread,
+            # and says nothing when it has: an edit made before that snapshot is in it, so
+            # the watcher never reports it. Apply everything again after it surely ran; on
+            # a loaded machine the thread starts late, so twice more, later (unchanged
+            # models cost a config parse).
             delay = 2 * config.poll_interval_s + 0.1
-            asyncio.get_running_loop().call_later(delay, self._resync)
+            loop = asyncio.get_running_loop()
+            for factor in (1, 4, 16):
+                loop.call_later(factor * delay, self._resync)
         try:
             async for names in repository.watch(
                 config.repository,
