@@ -9,6 +9,9 @@ ImageNet mean/std, CHW float32, three ways in one run.
 - OpenCV: ``cv2.resize`` (INTER_LINEAR, SIMD, its own threads) per image, then the
   normalization and the HWC -> CHW transpose in float32 numpy, into one batch.
 
+With a CUDA device visible, also the CUDA pipeline (``_core.CudaImagePipeline``): into a
+device batch (pinned staging, copy and kernel on its stream), and with the copy back.
+
 Also timed, for scale: the fastserve kernel writing FP16, and a batch of JPEG files (the
 same images, quality 90) decoded by Pillow, as the server does for encoded inputs, before the
 kernel.
@@ -95,12 +98,21 @@ def main() -> None:
         return out
 
     agree = np.abs(ours() - with_opencv()).max() * 255 * STD.max()
+    cuda = {}
+    if _core.cuda_available():
+        gpu = _core.CudaImagePipeline(224, 224, MEAN.tolist(), STD.tolist())
+        assert np.abs(gpu.run_to_host(images) - ours()).max() < 1e-5
+        cuda = {
+            "CUDA, into a device batch": timed(lambda: gpu.run(images), args.repeats),
+            "CUDA, copied back to the host": timed(lambda: gpu.run_to_host(images), args.repeats),
+        }
     seconds = {
         "fastserve": timed(ours, args.repeats),
         "numpy": timed(with_numpy, max(1, args.repeats // 3)),
         "OpenCV + numpy": timed(with_opencv, args.repeats),
         "fastserve, FP16 output": timed(ours_fp16, args.repeats),
         "Pillow JPEG decode (one thread)": timed(decode_jpegs, max(1, args.repeats // 3)),
+        **cuda,
     }
     print(f"{args.images} images 480x640x3 -> 224x224 CHW float32, normalized; "
           f"cv2 {cv2.__version__}, {cv2.getNumThreads()} OpenCV threads")  # fmt: skip
@@ -114,6 +126,10 @@ def main() -> None:
         f"fastserve / OpenCV: {seconds['OpenCV + numpy'] / seconds['fastserve']:.2f}x (target >= 1)"
     )
     print(f"largest difference from OpenCV: {agree:.2f} pixel levels")
+    for name, s in cuda.items():
+        print(f"{name} / fastserve CPU kernel: {seconds['fastserve'] / s:.1f}x faster")
+    if not cuda:
+        print("no CUDA device visible: the CUDA pipeline was not timed")
 
 
 if __name__ == "__main__":

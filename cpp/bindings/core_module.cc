@@ -25,6 +25,7 @@
 #include "fastserve/cuda_info.h"
 #include "fastserve/drift.h"
 #include "fastserve/preprocess.h"
+#include "fastserve/preprocess_cuda.h"
 #include "fastserve/tabular.h"
 #include "fastserve/tensor.h"
 
@@ -535,6 +536,72 @@ ImageSpec MakeImageSpec(int64_t out_h, int64_t out_w, std::vector<float> mean,
   return spec;
 }
 
+// Images from Python as the kernels read them: C-contiguous uint8 [h, w(, channels)] views,
+// each array held (copied only when it is not one already).
+struct HeldImages {
+  HeldImages(const py::list& images, int64_t channels_wanted) {
+    arrays.reserve(images.size());
+    views.reserve(images.size());
+    for (const py::handle& item : images) {
+      py::array arr = py::array::ensure(item);
+      if (!arr || !arr.dtype().equal(py::dtype::of<uint8_t>())) {
+        throw py::value_error("images must be uint8 arrays");
+      }
+      const int64_t channels = arr.ndim() == 2 ? 1 : (arr.ndim() == 3 ? arr.shape(2) : -1);
+      if (channels != channels_wanted) {
+        throw py::value_error(
+            "each image must be [height, width, channels] with one mean and std per channel");
+      }
+      arrays.emplace_back(py::array_t<uint8_t, py::array::c_style>::ensure(arr));
+      const auto& image = arrays.back();
+      views.push_back({image.data(), image.shape(0), image.shape(1), image.shape(1) * channels});
+    }
+  }
+  std::vector<py::array_t<uint8_t, py::array::c_style>> arrays;
+  std::vector<ImageView> views;
+};
+
+// An empty batch array for `count` images of `spec`: [N, C, H, W] or [N, H, W, C].
+py::array BatchArray(const ImageSpec& spec, size_t count, const std::string& dtype) {
+  std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(count)};
+  if (spec.chw) {
+    shape.insert(shape.end(), {spec.channels, spec.out_h, spec.out_w});
+  } else {
+    shape.insert(shape.end(), {spec.out_h, spec.out_w, spec.channels});
+  }
+  return py::array(py::dtype(dtype), shape);
+}
+
+// The CUDA image pipeline for Python: a device batch (its pointer), or a host copy of it.
+class PyCudaImagePipeline {
+ public:
+  PyCudaImagePipeline(ImageSpec spec, std::string dtype, int device)
+      : pipeline_(std::move(spec), device), dtype_(std::move(dtype)) {}
+
+  uintptr_t Run(const py::list& images) {
+    HeldImages held(images, pipeline_.spec().channels);
+    py::gil_scoped_release release;
+    return reinterpret_cast<uintptr_t>(pipeline_.Run(held.views));
+  }
+
+  py::array RunToHost(const py::list& images) {
+    HeldImages held(images, pipeline_.spec().channels);
+    py::array out = BatchArray(pipeline_.spec(), held.views.size(), dtype_);
+    void* dst = out.mutable_data();
+    const size_t bytes = static_cast<size_t>(out.nbytes());
+    {
+      py::gil_scoped_release release;
+      pipeline_.Run(held.views);
+      if (bytes > 0) pipeline_.CopyOut(dst, bytes);
+    }
+    return out;
+  }
+
+ private:
+  CudaImagePipeline pipeline_;
+  std::string dtype_;
+};
+
 // A checked TabularSpec and its output width, built once per model version.
 class PyTabularKernel {
  public:
@@ -690,6 +757,25 @@ PYBIND11_MODULE(_core, m) {
           "The image pipeline of preprocess_images as a batcher transform: uint8 "
           "[n, h, w, channels] requests become the model's rows while a batch is gathered.");
 
+  py::class_<PyCudaImagePipeline>(m, "CudaImagePipeline")
+      .def(
+          py::init([](int64_t out_h, int64_t out_w, std::vector<float> mean, std::vector<float> std,
+                      const std::string& aspect, const std::string& layout,
+                      const std::string& dtype, int device) {
+            return std::make_unique<PyCudaImagePipeline>(
+                MakeImageSpec(out_h, out_w, std::move(mean), std::move(std), aspect, layout, dtype),
+                dtype, device);
+          }),
+          py::arg("out_h"), py::arg("out_w"), py::arg("mean"), py::arg("std"),
+          py::arg("aspect") = "stretch", py::arg("layout") = "chw", py::arg("dtype") = "float32",
+          py::arg("device") = 0,
+          "The image pipeline on a CUDA device (RuntimeError without CUDA or a device).")
+      .def("run", &PyCudaImagePipeline::Run, py::arg("images"),
+           "Preprocess into a device batch; returns its device pointer (valid until the next "
+           "run), for onnxruntime's I/O binding.")
+      .def("run_to_host", &PyCudaImagePipeline::RunToHost, py::arg("images"),
+           "Preprocess on the device and copy the batch back, as preprocess_images returns it.");
+
   py::class_<RaggedSpec>(m, "RaggedSpec")
       .def(py::init([](std::vector<int64_t> inputs, std::vector<double> pad_values,
                        int64_t fixed_length, int64_t max_length, const py::object& mask_dtype) {
@@ -830,35 +916,10 @@ PYBIND11_MODULE(_core, m) {
          const std::string& dtype, int threads) {
         ImageSpec spec =
             MakeImageSpec(out_h, out_w, std::move(mean), std::move(std), aspect, layout, dtype);
-        // hold every image (a C-contiguous uint8 view, copied only when it is not one)
-        std::vector<py::array_t<uint8_t, py::array::c_style>> held;
-        std::vector<ImageView> views;
-        held.reserve(images.size());
-        views.reserve(images.size());
-        for (const py::handle& item : images) {
-          py::array arr = py::array::ensure(item);
-          if (!arr || !arr.dtype().equal(py::dtype::of<uint8_t>())) {
-            throw py::value_error("images must be uint8 arrays");
-          }
-          const int64_t channels = arr.ndim() == 2 ? 1 : (arr.ndim() == 3 ? arr.shape(2) : -1);
-          if (channels != spec.channels) {
-            throw py::value_error(
-                "each image must be [height, width, channels] with one mean "
-                "and std per channel");
-          }
-          held.emplace_back(py::array_t<uint8_t, py::array::c_style>::ensure(arr));
-          const auto& image = held.back();
-          views.push_back(
-              {image.data(), image.shape(0), image.shape(1), image.shape(1) * channels});
-        }
-        std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(views.size())};
-        if (spec.chw) {
-          shape.insert(shape.end(), {spec.channels, out_h, out_w});
-        } else {
-          shape.insert(shape.end(), {out_h, out_w, spec.channels});
-        }
-        py::array out(py::dtype(dtype), shape);
+        HeldImages held(images, spec.channels);
+        py::array out = BatchArray(spec, held.views.size(), dtype);
         void* dst = out.mutable_data();
+        const std::vector<ImageView>& views = held.views;
         {
           py::gil_scoped_release release;
           PreprocessImages(views, spec, dst, threads);

@@ -104,6 +104,21 @@ class ImageTransform:
         threads: int = 0,
     ) -> None: ...
 
+class CudaImagePipeline:
+    def __init__(
+        self,
+        out_h: int,
+        out_w: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aspect: str = "stretch",
+        layout: str = "chw",
+        dtype: str = "float32",
+        device: int = 0,
+    ) -> None: ...
+    def run(self, images: Sequence[_Array]) -> int: ...
+    def run_to_host(self, images: Sequence[_Array]) -> _Array: ...
+
 class Batcher:
     def __init__(
         self,
