@@ -16,22 +16,11 @@ Each figure is the median of --repeats runs; all three give the same numbers.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs)
+from preprocess import timed  # bench/preprocess.py: median of repeats after a warm-up
 
 
 def main() -> None:

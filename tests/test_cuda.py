@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastserve import _core
+from reference_preprocess import draw_image_case
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 needs_gpu = pytest.mark.skipif(not _core.cuda_available(), reason="no CUDA device visible")
@@ -25,20 +26,11 @@ def test_without_a_device_it_says_why() -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_the_cuda_kernel_equals_the_cpu_kernel(data: st.DataObject) -> None:
-    channels = data.draw(st.sampled_from([1, 3, 4]))
-    count = data.draw(st.integers(0, 4))
-    shapes = [(data.draw(st.integers(1, 60)), data.draw(st.integers(1, 60))) for _ in range(count)]
-    out_h, out_w = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
-    aspect = data.draw(st.sampled_from(["stretch", "shorter_side"]))
-    layout = data.draw(st.sampled_from(["chw", "hwc"]))
+    case = draw_image_case(data.draw, max_count=4, max_side=60, max_out=40)
     dtype = data.draw(st.sampled_from(["float32", "float16"]))
-    mean = data.draw(st.lists(st.floats(0, 1), min_size=channels, max_size=channels))
-    std = data.draw(st.lists(st.floats(0.05, 2), min_size=channels, max_size=channels))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    images = [rng.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in shapes]
-    cpu = _core.preprocess_images(images, out_h, out_w, mean, std, aspect, layout, dtype)
-    gpu = _core.CudaImagePipeline(out_h, out_w, mean, std, aspect, layout, dtype)
-    got = gpu.run_to_host(images)
+    cpu = _core.preprocess_images(*case.args(), dtype)
+    gpu = _core.CudaImagePipeline(*case.args()[1:], dtype)
+    got = gpu.run_to_host(case.images)
     assert got.dtype == cpu.dtype and got.shape == cpu.shape
     # the same taps and roundings (no fused multiply-add): equal but for the last bit
     tolerance = 1e-6 if dtype == "float32" else 2**-10

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastserve import _core
-from reference_preprocess import preprocess
+from reference_preprocess import draw_image_case, preprocess
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 TOLERANCE = 1e-4
@@ -21,24 +21,16 @@ TOLERANCE = 1e-4
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_the_kernel_equals_the_numpy_reference(data: st.DataObject) -> None:
-    channels = data.draw(st.sampled_from([1, 3, 4]))
-    count = data.draw(st.integers(0, 3))
-    shapes = [(data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))) for _ in range(count)]
-    out_h, out_w = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
-    aspect = data.draw(st.sampled_from(["stretch", "shorter_side"]))
-    layout = data.draw(st.sampled_from(["chw", "hwc"]))
-    mean = data.draw(st.lists(st.floats(0, 1), min_size=channels, max_size=channels))
-    std = data.draw(st.lists(st.floats(0.05, 2), min_size=channels, max_size=channels))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    images = [rng.integers(0, 256, (h, w, channels), dtype=np.uint8) for h, w in shapes]
-    got = _core.preprocess_images(images, out_h, out_w, mean, std, aspect, layout)
-    planes = (channels, out_h, out_w) if layout == "chw" else (out_h, out_w, channels)
-    assert got.shape == (count, *planes) and got.dtype == np.float32
-    for image, out in zip(images, got, strict=True):
-        expected = preprocess(image, out_h, out_w, mean, std, aspect, layout)
+    case = draw_image_case(data.draw)
+    got = _core.preprocess_images(*case.args())
+    c, h, w = case.channels, case.out_h, case.out_w
+    planes = (c, h, w) if case.layout == "chw" else (h, w, c)
+    assert got.shape == (len(case.images), *planes) and got.dtype == np.float32
+    for image, out in zip(case.images, got, strict=True):
+        expected = preprocess(image, h, w, case.mean, case.std, case.aspect, case.layout)
         np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE)
     # FP16 output: the FP32 values rounded to nearest even (numpy's conversion), exactly
-    half = _core.preprocess_images(images, out_h, out_w, mean, std, aspect, layout, "float16")
+    half = _core.preprocess_images(*case.args(), "float16")
     assert half.dtype == np.float16 and np.array_equal(half, got.astype(np.float16))
 
 
