@@ -46,6 +46,7 @@ CONFIGS = {
     "batching": (
         "batching:\n  max_batch_size: 64\n"
         f"  max_queue_delay_us: {BATCHING_DELAY_US}\n  max_queue_size: 4096\n"
+        "  release_when_idle: true\n"
         "onnxruntime:\n  intra_op_threads: 1\n  execution_provider: cpu\n"
     ),
     "no batching": (

@@ -267,3 +267,31 @@ def test_the_event_loop_runs_one_instance_only(tmp_path: Path) -> None:
     path.write_text("instance_count: 3\nexecution: event_loop\n")
     with pytest.raises(ConfigError, match="event_loop runs one instance, but instance_count is 3"):
         load_model_config(path, "m")
+
+
+@pytest.mark.parametrize("execution", ["event_loop", "threads"])
+async def test_release_when_idle_skips_the_delay_only_when_every_client_waits(
+    repo: Path, server_config: ServerConfig, execution: str
+) -> None:
+    # a delay far past the deadline: a request that waits it out gets 503 (timeout)
+    write_config(
+        repo,
+        "adder",
+        "batching:\n  max_batch_size: 8\n  max_queue_delay_us: 5000000\n"
+        f"  queue_timeout_us: 500000\n  release_when_idle: true\nexecution: {execution}\n",
+    )
+    async with (
+        running(server_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as session,
+    ):
+        # the only client, waiting: nothing can join its batch, so it goes at once
+        status, doc, _ = await post(session, adder_body(1.0))
+        assert status == 200, doc
+        # another client connected (idle) could still send: the delay is waited for
+        _, idle = await asyncio.open_connection("127.0.0.1", srv.port)
+        try:
+            await asyncio.sleep(0.05)  # the server has accepted it
+            status, doc, _ = await post(session, adder_body(2.0))
+            assert status == 503 and "timed out in the queue" in doc["error"], doc
+        finally:
+            idle.close()

@@ -415,6 +415,7 @@ class PyBatcher {
     if (n < 0) throw py::value_error("hold(n) needs n >= 0");
     core_->Hold(n);
   }
+  void ReleaseQueued() { core_->ReleaseQueued(); }
   int64_t queue_depth() const { return core_->queue_depth(); }
   const BatchPolicy& policy() const { return core_->policy(); }
 
@@ -849,6 +850,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("notify_fd", &PyBatcher::notify_fd)
       .def_property_readonly("ready_fd", &PyBatcher::ready_fd)
       .def("stop", &PyBatcher::Stop, "Refuse new work; what is queued is still released.")
+      .def("release_queued", &PyBatcher::ReleaseQueued,
+           "Nothing more can join what is queued: release it without waiting out the delay.")
       .def("hold", &PyBatcher::Hold, py::arg("n"),
            "Test hook: nothing is released until n requests are queued (0 = no hold).")
       .def_property_readonly("queue_depth", &PyBatcher::queue_depth)

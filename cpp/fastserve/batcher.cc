@@ -762,6 +762,15 @@ void Batcher::Stop() {
   cv_.notify_all();
 }
 
+void Batcher::ReleaseQueued() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    released_before_ns_ = NowNs();
+    SignalIfReadyLocked(released_before_ns_);
+  }
+  cv_.notify_all();
+}
+
 void Batcher::Hold(int64_t n) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -889,7 +898,8 @@ bool Batcher::DecideLocked(int64_t now, ReleaseDecision* decision) {
   }
   const Request* head = levels_[head_level].head;
   Group* group = head->group;
-  const int64_t waited = now - head->submit_ns;
+  int64_t waited = now - head->submit_ns;
+  if (head->submit_ns <= released_before_ns_) waited = std::max(waited, rule_.max_queue_delay_ns());
   const int64_t max_rows = rule_.max_batch_size();
   if (!stopped_ && group->queued_rows < max_rows && waited < rule_.max_queue_delay_ns() &&
       policy_.preferred_batch_sizes.empty()) {

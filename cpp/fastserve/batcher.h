@@ -208,6 +208,10 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   // Refuses new work; what is queued is still released (reason drain, no delay wait, no hold).
   void Stop();
+  // Nothing more can join what is queued now (every client that could send is waiting in
+  // it): release it without waiting out the delay. Requests submitted later wait as usual.
+  // A held queue (Hold) stays held.
+  void ReleaseQueued();
   // Test hook: nothing is released until n requests are queued; the gate then opens for good
   // (0 = no hold). Deadlines still expire while held; Stop() overrides it.
   void Hold(int64_t n);
@@ -279,6 +283,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool stopped_ = false;
   bool shutdown_ = false;
   int64_t hold_ = 0;
+  int64_t released_before_ns_ = 0;  // ReleaseQueued: requests submitted by then need not wait
   int64_t depth_ = 0;
   int waiters_ = 0;  // workers blocked in NextBatch
   uint64_t next_request_id_ = 1;

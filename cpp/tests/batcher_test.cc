@@ -860,5 +860,23 @@ TEST(BatcherTransformTest, RefusesRawInputsItCannotTransform) {
   EXPECT_THROW(Batcher::Create(Policy(3), ragged, {GrayTo3x3()}), std::invalid_argument);
 }
 
+TEST(BatcherTest, ReleaseQueuedCutsTheDelayShortForWhatIsQueued) {
+  auto b = Batcher::Create(Policy(8));  // a 10 s delay
+  Inputs inputs;
+  MustSubmit(*b, inputs, 1, 1.0f);
+  MustSubmit(*b, inputs, 2, 2.0f);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // waiting for company
+  b->ReleaseQueued();
+  std::unique_ptr<Batch> batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->rows(), 3);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+  MustSubmit(*b, inputs, 1, 3.0f);  // after the release: waits as usual
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  b->Hold(5);
+  b->ReleaseQueued();  // held stays held
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+}
+
 }  // namespace
 }  // namespace fastserve

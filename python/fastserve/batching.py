@@ -143,11 +143,18 @@ class ModelBatcher:
     # -- requests ---------------------------------------------------------------------------
 
     async def infer(
-        self, inputs: list[npt.NDArray[Any]], *, priority: int = 0, timeout_us: int = -1
+        self,
+        inputs: list[npt.NDArray[Any]],
+        *,
+        priority: int = 0,
+        timeout_us: int = -1,
+        last: bool = False,
     ) -> _core.Completion:
         """Run one request through the batcher; returns its completion.
 
         ``inputs`` must be C-contiguous arrays in signature order; they are read in place.
+        ``last``: no other request can come to join this one's batch (the caller knows
+        every client is waiting): the queue is released without waiting out the delay.
         """
         loop = self._loop
         assert loop is not None, "ModelBatcher.start() was not called"
@@ -157,6 +164,8 @@ class ModelBatcher:
             raise Overloaded(self.label) from None
         except _core.Stopped:
             raise ServerStopping(f"model '{self.label}'") from None
+        if last:
+            self._core.release_queued()
         future: asyncio.Future[_core.Completion] = loop.create_future()
         self._pending[request_id] = future
         completion = await future

@@ -44,6 +44,10 @@ class BatchingConfig(_Strict):
     """Release a batch at once when the queued rows add up to one of these sizes."""
     max_queue_delay_us: int = Field(500, ge=0, le=10_000_000)
     """Longest time the oldest queued request waits for a batch to fill, in microseconds."""
+    release_when_idle: bool = False
+    """Release the queue at once, without waiting out the delay, when every open client
+    connection has a request waiting on a batch: no one is left who could send the request
+    the delay waits for (a closed loop of clients, e.g. one client at a time)."""
     max_queue_size: int = Field(1024, ge=1, le=1_000_000)
     """Requests queued at most; one more is refused at once with 503 and Retry-After."""
     queue_timeout_us: int = Field(0, ge=0, le=3_600_000_000)

@@ -63,6 +63,10 @@ class ServerState:
     """The admin routes' bearer token (None: admin routes refused)."""
     review: Review | None = None
     """Predictions, shadow comparisons, feedback and the review queue (None: not recorded)."""
+    batching: int = 0
+    """Requests waiting on a batcher (queued or running), all models together."""
+    http: web.Server | None = None
+    """The HTTP server, whose open connections tell when every client is waiting."""
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(6))
 
@@ -454,7 +458,20 @@ async def _infer(
         check_values(model, arrays[schema.input_index] if features is None else features, state)
     priority, timeout_us = _request_options(inference, model)
     validated = time.perf_counter_ns()
-    completion = await model.batcher.infer(arrays, priority=priority, timeout_us=timeout_us)
+    # When every open connection has a request waiting on a batch, no one can send the
+    # request the delay would wait for (a closed loop: e.g. one client at a time).
+    last = (
+        model.config.batching.release_when_idle
+        and state.http is not None
+        and state.batching + 1 >= len(state.http.connections)
+    )
+    state.batching += 1
+    try:
+        completion = await model.batcher.infer(
+            arrays, priority=priority, timeout_us=timeout_us, last=last
+        )
+    finally:
+        state.batching -= 1
 
     # every output; the codec picks (and orders) the ones the request asked for
     outputs = [
@@ -510,4 +527,6 @@ def create_server(state: ServerState, **handler_options: Any) -> web.Server:
             message, payload, protocol, writer, task, task.get_loop(), client_max_size=limit
         )
 
-    return web.Server(Dispatcher(state), request_factory=make_request, **handler_options)
+    server = web.Server(Dispatcher(state), request_factory=make_request, **handler_options)
+    state.http = server
+    return server
