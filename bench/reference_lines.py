@@ -18,8 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import serving  # bench/serving.py: pinned servers, wrk, the demo body
@@ -37,15 +35,9 @@ class Baseline:
             [*serving.pinned(serving.SERVER_CPU), sys.executable, str(HERE / "baselines.py"),
              kind, str(model), "--port", str(self.port), *extra]
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"baseline {kind} did not start")
+        if not serving.wait_ready(self.url):
+            self.stop()
+            raise RuntimeError(f"baseline {kind} did not start")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -92,19 +92,25 @@ class Served:
                 *(extra or []),
             ],
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not become ready")
+        if not wait_ready(self.url):
+            self.stop()
+            raise RuntimeError("server did not become ready")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+
+
+def wait_ready(url: str, timeout_s: float = 60.0) -> bool:
+    """Whether ``url``'s ``/v2/health/ready`` answered within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
