@@ -253,7 +253,8 @@ async def test_a_failing_or_slow_shadow_changes_nothing_for_the_client(
     ):
         answers = await infer_all(s, rows)
         got = np.array([a["outputs"][1]["data"] for a in answers])
-        assert np.allclose(got, expected["probabilities"], rtol=1e-6)
+        # float32 from onnxruntime: the size of the batch a row ran in moves the last bits
+        assert np.allclose(got, expected["probabilities"], rtol=1e-5, atol=1e-6)
         stats = srv.registry.get(MODEL).statistics()["inference_stats"]
         assert stats["success"]["count"] == 40 and stats["fail"]["count"] == 0
         summary = await wait_compared(s, 1)

@@ -168,6 +168,14 @@ class ModelBatcher:
             self._core.release_queued()
         future: asyncio.Future[_core.Completion] = loop.create_future()
         self._pending[request_id] = future
+        if self.execution == "event_loop" and (
+            last or self._core.queue_depth >= self.config.max_batch_size
+        ):
+            # This request made a batch that nothing more can join (it is full, or no one
+            # else can send): run it now, answering this future before it is awaited, with
+            # no trip through the ready pipe. A batch released by its delay still waits for
+            # the pipe, so that the loop first reads what the sockets hold into it.
+            self._run_ready()
         completion = await future
         status = completion.status
         if status == "ok":
