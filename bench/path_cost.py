@@ -1,0 +1,104 @@
+"""What one single-row request costs fastserve in-process, step by step, with no HTTP, next
+to the whole path of the plain server of bench/baselines.py (parse, session.run, encode):
+
+    taskset -c 0 python bench/path_cost.py [--model breast_cancer] [--requests 20000]
+
+Steps: decode (the V2 JSON body into tensors), validate (signature and value schema),
+batcher (submit, batch, onnxruntime, answer; max batch 1, event loop), encode (the JSON
+answer). Prints microseconds per request, the mean over --requests after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+import baselines  # bench/baselines.py
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="breast_cancer")
+    parser.add_argument("--requests", type=int, default=20_000)
+    args = parser.parse_args()
+
+    from fastserve.config import ModelConfig
+    from fastserve.demo import build_demo_repository, example_rows
+    from fastserve.http.codecs import decode_request, encode_response
+    from fastserve.model import ServedModel
+    from fastserve.protocol import InferenceResponse, OutputTensor
+    from fastserve.validation import validate_inputs, validate_outputs
+
+    demo = build_demo_repository(Path(tempfile.mkdtemp(prefix="fastserve-path-")) / "demo")
+    model_file = demo / args.model / "1" / "model.onnx"
+    row = example_rows(args.model, 1)
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
+                     "data": row.ravel().tolist()}]}
+    )  # fmt: skip
+    n = args.requests
+
+    plain = baselines.Model(model_file)
+    for _ in range(2):  # warm-up, then measured
+        started = time.perf_counter()
+        for _ in range(n):
+            _, rows = baselines.parse(body)
+            outputs = plain.run(rows)
+            orjson.dumps([{"data": o.ravel().tolist()} for o in outputs])
+        plain_us = (time.perf_counter() - started) / n * 1e6
+
+    async def ours() -> dict[str, float]:
+        config = ModelConfig.model_validate(
+            {
+                "batching": {"max_batch_size": 1, "max_queue_delay_us": 0},
+                "onnxruntime": {"intra_op_threads": 1, "execution_provider": "cpu"},
+                "execution": "event_loop",
+            }
+        )
+        model = ServedModel.load(args.model, "1", model_file, config)
+        model.start(asyncio.get_running_loop())
+        steps = dict.fromkeys(("decode", "validate", "batcher", "encode"), 0)
+        try:
+            for _round in range(2):  # warm-up, then measured
+                steps = dict.fromkeys(steps, 0)
+                for _ in range(n):
+                    t0 = time.perf_counter_ns()
+                    request = decode_request(body, "application/json", None, max_elements=len(body))
+                    t1 = time.perf_counter_ns()
+                    arrays = validate_inputs(request, model.accepts, max_batch_size=1)
+                    validate_outputs(request, model.signature)
+                    if model.schema is not None:
+                        model.schema.compiled.check(arrays[model.schema.input_index])
+                    t2 = time.perf_counter_ns()
+                    completion = await model.batcher.infer(arrays)
+                    t3 = time.perf_counter_ns()
+                    outputs = [
+                        OutputTensor(s.name, s.datatype, a)
+                        for s, a in zip(model.signature.outputs, completion.outputs, strict=True)
+                    ]
+                    response = InferenceResponse(model.name, model.version, outputs, id="r")
+                    encode_response(response, request, "json")
+                    t4 = time.perf_counter_ns()
+                    for step, ns in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                        steps[step] += ns
+        finally:
+            await model.stop()
+        return {step: ns / n / 1000 for step, ns in steps.items()}
+
+    steps = asyncio.run(ours())
+    print(f"{args.model}, one row, JSON, in-process, {n:,} requests (µs per request):")
+    for step, us in steps.items():
+        print(f"  fastserve {step:<9} {us:6.1f}")
+    print(f"  fastserve total     {sum(steps.values()):6.1f}")
+    print(f"  plain server's path {plain_us:6.1f}  (parse, session.run, encode)")
+
+
+if __name__ == "__main__":
+    main()
