@@ -287,6 +287,9 @@ async def test_release_when_idle_skips_the_delay_only_when_every_client_waits(
         # the only client, waiting: nothing can join its batch, so it goes at once
         status, doc, _ = await post(session, adder_body(1.0))
         assert status == 200, doc
+        async with session.get("/v2/models/adder/stats") as resp:
+            reasons = (await resp.json())["model_stats"][0]["batching"]["batches_by_release_reason"]
+        assert reasons == {"full": 0, "preferred": 0, "delay": 0, "idle": 1, "drain": 0}
         # another client connected (idle) could still send: the delay is waited for
         _, idle = await asyncio.open_connection("127.0.0.1", srv.port)
         try:

@@ -291,7 +291,8 @@ class PyBatcher {
     for (auto& entry : keep_) Py_DECREF(entry.second);
   }
 
-  uint64_t Submit(py::handle inputs_obj, int64_t priority, int64_t timeout_us) {
+  uint64_t Submit(py::handle inputs_obj, int64_t priority, int64_t timeout_us,
+                  bool release_queued) {
     py::sequence inputs = AsListOrTuple(inputs_obj, "inputs");
     PyObject* seq = inputs.ptr();
     const bool is_list = PyList_Check(seq);
@@ -336,7 +337,7 @@ class PyBatcher {
       keep = PyList_AsTuple(seq);
       if (keep == nullptr) throw py::error_already_set();
     }
-    SubmitResult r = core_->Submit(views.data(), n, priority, timeout_us);
+    SubmitResult r = core_->Submit(views.data(), n, priority, timeout_us, release_queued);
     if (r.code != SubmitCode::kOk) Py_DECREF(keep);
     switch (r.code) {
       case SubmitCode::kOk:
@@ -415,7 +416,6 @@ class PyBatcher {
     if (n < 0) throw py::value_error("hold(n) needs n >= 0");
     core_->Hold(n);
   }
-  void ReleaseQueued() { core_->ReleaseQueued(); }
   int64_t queue_depth() const { return core_->queue_depth(); }
   const BatchPolicy& policy() const { return core_->policy(); }
 
@@ -434,6 +434,7 @@ class PyBatcher {
     d["batches_preferred"] = s.batches_preferred;
     d["batches_delay"] = s.batches_delay;
     d["batches_drain"] = s.batches_drain;
+    d["batches_idle"] = s.batches_idle;
     return d;
   }
 
@@ -839,7 +840,9 @@ PYBIND11_MODULE(_core, m) {
            "transforms: input index -> what its raw (uint8) requests become while a batch "
            "is gathered.")
       .def("submit", &PyBatcher::Submit, py::arg("inputs"), py::arg("priority") = 0,
-           py::arg("timeout_us") = -1, "Queue one request (no copy); returns its id.")
+           py::arg("timeout_us") = -1, py::arg("release_queued") = false,
+           "Queue one request (no copy); returns its id. release_queued: nothing more can "
+           "join what is queued with it: release it all now, without waiting out the delay.")
       .def("next_batch", &PyBatcher::NextBatch,
            "Block (GIL released) until a batch is released; None once stopped and empty.")
       .def("poll", &PyBatcher::Poll, py::arg("timeout_ms") = 0,
@@ -850,8 +853,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("notify_fd", &PyBatcher::notify_fd)
       .def_property_readonly("ready_fd", &PyBatcher::ready_fd)
       .def("stop", &PyBatcher::Stop, "Refuse new work; what is queued is still released.")
-      .def("release_queued", &PyBatcher::ReleaseQueued,
-           "Nothing more can join what is queued: release it without waiting out the delay.")
       .def("hold", &PyBatcher::Hold, py::arg("n"),
            "Test hook: nothing is released until n requests are queued (0 = no hold).")
       .def_property_readonly("queue_depth", &PyBatcher::queue_depth)

@@ -63,6 +63,8 @@ const char* ReleaseReasonName(ReleaseReason reason) {
       return "delay";
     case ReleaseReason::kDrain:
       return "drain";
+    case ReleaseReason::kIdle:
+      return "idle";
     case ReleaseReason::kNone:
       break;
   }

@@ -28,7 +28,10 @@ struct BatchPolicy {
   std::string ToString() const;
 };
 
-enum class ReleaseReason : uint8_t { kNone = 0, kFull, kPreferred, kDelay, kDrain };
+// kIdle is the batcher's own: what the rule would release at the delay, taken early because
+// nothing more can join it (Batcher::Submit's release_queued).
+enum class ReleaseReason : uint8_t { kNone = 0, kFull, kPreferred, kDelay, kDrain, kIdle };
+constexpr int kNumReleaseReasons = 6;
 const char* ReleaseReasonName(ReleaseReason reason);  // "none", "full", "preferred", ...
 
 struct ReleaseDecision {

@@ -474,7 +474,7 @@ int Batcher::RaggedSlot(size_t input) const {
 }
 
 SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priority,
-                             int64_t timeout_us) {
+                             int64_t timeout_us, bool release_queued) {
   SubmitResult result;
   auto invalid = [&result](std::string message) {
     result.code = SubmitCode::kInvalid;
@@ -622,6 +622,7 @@ SubmitResult Batcher::Submit(const TensorView* inputs, size_t n, int64_t priorit
       timer_cv_.notify_one();
     }
   }
+  if (release_queued) released_before_ns_ = now;
   SignalIfReadyLocked(now);
   if (waiters_ > 0) {
     // Wake a worker only when it has something new to do: a batch can be released now, or the
@@ -762,15 +763,6 @@ void Batcher::Stop() {
   cv_.notify_all();
 }
 
-void Batcher::ReleaseQueued() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    released_before_ns_ = NowNs();
-    SignalIfReadyLocked(released_before_ns_);
-  }
-  cv_.notify_all();
-}
-
 void Batcher::Hold(int64_t n) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -803,6 +795,7 @@ BatcherStats Batcher::stats() const {
     s.batches_preferred = batches_by_reason_[static_cast<int>(ReleaseReason::kPreferred)];
     s.batches_delay = batches_by_reason_[static_cast<int>(ReleaseReason::kDelay)];
     s.batches_drain = batches_by_reason_[static_cast<int>(ReleaseReason::kDrain)];
+    s.batches_idle = batches_by_reason_[static_cast<int>(ReleaseReason::kIdle)];
   }
   std::lock_guard<std::mutex> lock(cmu_);
   s.timed_out = timed_out_;
@@ -898,7 +891,8 @@ bool Batcher::DecideLocked(int64_t now, ReleaseDecision* decision) {
   }
   const Request* head = levels_[head_level].head;
   Group* group = head->group;
-  int64_t waited = now - head->submit_ns;
+  const int64_t head_waited = now - head->submit_ns;
+  int64_t waited = head_waited;
   if (head->submit_ns <= released_before_ns_) waited = std::max(waited, rule_.max_queue_delay_ns());
   const int64_t max_rows = rule_.max_batch_size();
   if (!stopped_ && group->queued_rows < max_rows && waited < rule_.max_queue_delay_ns() &&
@@ -920,6 +914,9 @@ bool Batcher::DecideLocked(int64_t now, ReleaseDecision* decision) {
     }
   }
   *decision = rule_.Decide(candidate_rows_.data(), candidate_rows_.size(), waited, stopped_);
+  if (decision->reason == ReleaseReason::kDelay && head_waited < rule_.max_queue_delay_ns()) {
+    decision->reason = ReleaseReason::kIdle;  // released early: nothing more could join
+  }
   return decision->reason != ReleaseReason::kNone;
 }
 

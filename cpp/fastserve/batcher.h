@@ -109,6 +109,7 @@ struct BatcherStats {
   uint64_t batches_preferred = 0;
   uint64_t batches_delay = 0;
   uint64_t batches_drain = 0;
+  uint64_t batches_idle = 0;
 };
 
 struct BatchRequest {
@@ -186,7 +187,12 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // Queues one request. inputs[i].data must stay valid and unchanged until the request's
   // completion has been returned by Poll (the batcher reads it when it gathers the batch).
   // priority: 0 = highest. timeout_us: -1 = policy default, 0 = none, > 0 = relative deadline.
-  SubmitResult Submit(const TensorView* inputs, size_t n, int64_t priority, int64_t timeout_us);
+  // release_queued: nothing more can join what is queued with this request (every client that
+  // could send is waiting in it): release it all without waiting out the delay (reason idle;
+  // a held queue stays held). No timer is armed for it: a caller that runs batches itself takes
+  // it with TryNextBatch right away. Requests submitted later wait as usual.
+  SubmitResult Submit(const TensorView* inputs, size_t n, int64_t priority, int64_t timeout_us,
+                      bool release_queued = false);
 
   // Blocks until a batch is released by policy; nullptr once stopped and the queue is empty.
   std::unique_ptr<Batch> NextBatch();
@@ -208,10 +214,6 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   // Refuses new work; what is queued is still released (reason drain, no delay wait, no hold).
   void Stop();
-  // Nothing more can join what is queued now (every client that could send is waiting in
-  // it): release it without waiting out the delay. Requests submitted later wait as usual.
-  // A held queue (Hold) stays held.
-  void ReleaseQueued();
   // Test hook: nothing is released until n requests are queued; the gate then opens for good
   // (0 = no hold). Deadlines still expire while held; Stop() overrides it.
   void Hold(int64_t n);
@@ -283,7 +285,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   bool stopped_ = false;
   bool shutdown_ = false;
   int64_t hold_ = 0;
-  int64_t released_before_ns_ = 0;  // ReleaseQueued: requests submitted by then need not wait
+  int64_t released_before_ns_ = 0;  // release_queued: requests submitted by then need not wait
   int64_t depth_ = 0;
   int waiters_ = 0;  // workers blocked in NextBatch
   uint64_t next_request_id_ = 1;
@@ -304,7 +306,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   uint64_t rejected_stopped_ = 0;
   uint64_t batches_ = 0;
   uint64_t batched_rows_ = 0;
-  uint64_t batches_by_reason_[5] = {};
+  uint64_t batches_by_reason_[kNumReleaseReasons] = {};
 
   mutable std::mutex cmu_;
   std::condition_variable ccv_;  // pollers wait here

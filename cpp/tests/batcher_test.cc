@@ -864,18 +864,35 @@ TEST(BatcherTest, ReleaseQueuedCutsTheDelayShortForWhatIsQueued) {
   auto b = Batcher::Create(Policy(8));  // a 10 s delay
   Inputs inputs;
   MustSubmit(*b, inputs, 1, 1.0f);
-  MustSubmit(*b, inputs, 2, 2.0f);
   EXPECT_EQ(b->TryNextBatch(), nullptr);  // waiting for company
-  b->ReleaseQueued();
+  TensorView last = inputs.Add(2, 3, 2.0f).view();
+  ASSERT_EQ(b->Submit(&last, 1, 0, -1, /*release_queued=*/true).code, SubmitCode::kOk);
   std::unique_ptr<Batch> batch = b->TryNextBatch();
   ASSERT_NE(batch, nullptr);
   EXPECT_EQ(batch->rows(), 3);
-  EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kIdle);
+  EXPECT_EQ(b->stats().batches_idle, 1u);
+  EXPECT_EQ(b->stats().batches_delay, 0u);
   MustSubmit(*b, inputs, 1, 3.0f);  // after the release: waits as usual
   EXPECT_EQ(b->TryNextBatch(), nullptr);
   b->Hold(5);
-  b->ReleaseQueued();  // held stays held
-  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  TensorView held = inputs.Add(1, 3, 4.0f).view();
+  ASSERT_EQ(b->Submit(&held, 1, 0, -1, /*release_queued=*/true).code, SubmitCode::kOk);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // held stays held
+}
+
+TEST(BatcherTest, ReleaseQueuedWakesAWaitingWorker) {
+  auto b = Batcher::Create(Policy(8));  // a 10 s delay
+  Inputs inputs;
+  std::unique_ptr<Batch> taken;
+  std::thread worker([&] { taken = b->NextBatch(); });
+  MustSubmit(*b, inputs, 1, 1.0f);
+  TensorView last = inputs.Add(1, 3, 2.0f).view();
+  ASSERT_EQ(b->Submit(&last, 1, 0, -1, /*release_queued=*/true).code, SubmitCode::kOk);
+  worker.join();  // would sleep out the 10 s delay if it were not woken
+  ASSERT_NE(taken, nullptr);
+  EXPECT_EQ(taken->rows(), 2);
+  EXPECT_EQ(taken->reason(), ReleaseReason::kIdle);
 }
 
 }  // namespace

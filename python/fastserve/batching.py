@@ -159,13 +159,11 @@ class ModelBatcher:
         loop = self._loop
         assert loop is not None, "ModelBatcher.start() was not called"
         try:
-            request_id = self._core.submit(inputs, priority, timeout_us)
+            request_id = self._core.submit(inputs, priority, timeout_us, last)
         except _core.QueueFull:
             raise Overloaded(self.label) from None
         except _core.Stopped:
             raise ServerStopping(f"model '{self.label}'") from None
-        if last:
-            self._core.release_queued()
         future: asyncio.Future[_core.Completion] = loop.create_future()
         self._pending[request_id] = future
         if self.execution == "event_loop" and (

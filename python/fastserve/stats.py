@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-RELEASE_REASONS = ("full", "preferred", "delay", "drain")
+RELEASE_REASONS = ("full", "preferred", "delay", "idle", "drain")
 """Why the core released a batch; it counts each as ``batches_<reason>``."""
 
 LATENCY_BUCKETS_S: Final = (
