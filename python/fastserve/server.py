@@ -18,6 +18,8 @@ from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.review.store import ReviewStore
 
+_GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between scans of the youngest generation once serving (default 700)."""
 log = logging.getLogger("fastserve.server")
 
 
@@ -88,6 +90,12 @@ class Server:
         # short (measured: p99 at 64 connections 24 ms -> 8 ms).
         gc.collect()
         gc.freeze()
+        # A request leaves no reference cycles behind (measured: 0 objects collected over
+        # 50,000 requests), yet with the default threshold of 700 allocations the youngest
+        # generation was scanned every few requests, 0.6 ms a time at 64 connections, with the
+        # requests in flight in it. Scan it 70x less often: what refcounting frees never
+        # reaches a scan, and a cycle an error path leaves is still collected.
+        gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.state.started = True
         ready = "ready" if self.state.ready else "NOT ready: a model failed to load"
         log.info(
