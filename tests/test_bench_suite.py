@@ -1,0 +1,228 @@
+"""The benchmark suite's parts (bench/suite.py, bench/heavy_model.py) do what its figures
+assume: the heavy model answers as the demo model does, every request body it sends gets a
+correct answer from a real fastserve, and the server-CPU accounting reads /proc right.
+
+    pytest tests/test_bench_suite.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from conftest import ServerProcess
+from fastserve.demo import example_rows
+from models import predict, reference
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import heavy_model  # noqa: E402  (bench/ is not a package)
+import suite  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_the_heavy_model_answers_as_the_demo_model_does(demo_repo: Path, tmp_path: Path) -> None:
+    model_file = heavy_model.write_repository(tmp_path)
+    assert (tmp_path / "heavy" / "config.yaml").read_text() == heavy_model.CONFIG
+    assert "execution: event_loop" in heavy_model.CONFIG
+    heavy, demo = _session(model_file), _session(demo_repo / "breast_cancer" / "1" / "model.onnx")
+    signature = [(t.name, t.type) for t in heavy.get_inputs()]
+    assert signature == [(t.name, t.type) for t in demo.get_inputs()]
+    assert [(t.name, t.type) for t in heavy.get_outputs()] == [
+        (t.name, t.type) for t in demo.get_outputs()
+    ]
+    rows = example_rows("breast_cancer", 5)
+    out = reference(model_file, rows)
+    assert out["label"].dtype == np.int64 and out["label"].shape == (5,)
+    assert out["probabilities"].dtype == np.float32 and out["probabilities"].shape == (5, 2)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    assert (out["label"] == out["probabilities"].argmax(axis=1)).all()
+    assert heavy_model.build_model().SerializeToString() == model_file.read_bytes()  # seeded
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    from fastserve.demo import build_demo_repository
+
+    root = tmp_path_factory.mktemp("suite")
+    demo = build_demo_repository(root / "demo")
+    repo = root / "repo"
+    shutil.copytree(demo / "breast_cancer", repo / "breast_cancer")
+    heavy_model.write_repository(repo)
+    server = ServerProcess(repo)
+    try:
+        server.wait_ready()
+        yield server, repo
+    finally:
+        server.stop()
+
+
+def _post(url: str, request: suite.Request) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    path, body, headers = request
+    req = urllib.request.Request(f"http://{url}{path}", data=body, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        raw, kind = resp.read(), resp.headers.get("Content-Type", "")
+        split = resp.headers.get(suite.HEADER_LENGTH)
+    dtypes = {"INT64": "<i8", "FP32": "<f4"}
+    if kind.startswith("application/msgpack"):
+        doc = msgpack.unpackb(raw)
+        arrays = {
+            o["name"]: np.frombuffer(o["data"], dtypes[o["datatype"]]) for o in doc["outputs"]
+        }
+        return doc, arrays
+    head = raw if split is None else raw[: int(split)]
+    doc = json.loads(head)
+    arrays, offset = {}, int(split or 0)
+    for o in doc["outputs"]:
+        size = o.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            arrays[o["name"]] = np.asarray(o["data"], dtypes[o["datatype"]])
+        else:
+            arrays[o["name"]] = np.frombuffer(raw[offset : offset + size], dtypes[o["datatype"]])
+            offset += size
+    assert offset == (len(raw) if split else 0)  # every binary output, nothing after
+    return doc, arrays
+
+
+@pytest.mark.parametrize("encoding", suite.ENCODINGS)
+@pytest.mark.parametrize("n", [1, 64])
+def test_every_body_the_suite_sends_is_answered_correctly(
+    served: tuple[ServerProcess, Path], encoding: str, n: int
+) -> None:
+    server, repo = served
+    rows = example_rows("breast_cancer", n)
+    expected = predict(repo, "breast_cancer", rows)
+    doc, outputs = _post(server.url, suite.v2_request("breast_cancer", rows, encoding))
+    assert doc["model_name"] == "breast_cancer"
+    assert outputs["label"].tolist() == expected["label"].tolist()
+    np.testing.assert_allclose(
+        outputs["probabilities"].reshape(n, 2), expected["probabilities"], rtol=1e-5
+    )
+    if encoding == "binary":  # binary in, binary out
+        assert all("binary_data_size" in o["parameters"] for o in doc["outputs"])
+
+
+def test_the_heavy_model_is_served_with_the_same_bodies(served: tuple[ServerProcess, Path]) -> None:
+    server, repo = served
+    rows = example_rows("breast_cancer", 3)
+    _, outputs = _post(server.url, suite.v2_request("heavy", rows, "json"))
+    assert outputs["label"].tolist() == predict(repo, "heavy", rows)["label"].tolist()
+
+
+def test_wrk_sends_the_binary_extension_header(
+    served: tuple[ServerProcess, Path], tmp_path: Path
+) -> None:
+    """bench/wrk_post.lua's EXTRA_HEADERS: without Inference-Header-Content-Length every
+    binary request would be a 415."""
+    if not shutil.which("wrk"):
+        pytest.skip("wrk is not installed")
+    server, _ = served
+    path, body, headers = suite.v2_request(
+        "breast_cancer", example_rows("breast_cancer", 2), "binary"
+    )
+    file = tmp_path / "body"
+    file.write_bytes(body)
+    result = suite.wrk_run(f"http://{server.url}{path}", file, headers, 1, 1)
+    assert result["requests"] > 0
+    assert result["non_2xx"] == 0 and result["socket_errors"] == 0
+
+
+def test_the_baselines_get_json_only() -> None:
+    rows = example_rows("breast_cancer", 1)
+    assert suite.json_only("m", rows, "msgpack") is None
+    assert suite.json_only("m", rows, "json") == suite.v2_request("m", rows, "json")
+
+
+BURNER = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", '''
+import sys, time
+while time.process_time() < 0.6:
+    pass
+print("burnt", flush=True)
+time.sleep(60)
+'''], stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+child.wait()
+"""
+
+
+def test_server_cpu_counts_the_process_tree() -> None:
+    """A parent that burns nothing and a child that burns 0.6 s of CPU: the tree is counted."""
+    proc = subprocess.Popen([sys.executable, "-c", BURNER], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        pid, word = proc.stdout.readline().split()
+        child = int(pid)
+        assert word == "burnt"
+        tree = suite.tree_cpu_seconds(proc.pid)
+        alone = suite.tree_cpu_seconds(child)
+        parent = suite._ticks(proc.pid) / suite.CLOCK_TICKS
+        assert 0.5 <= alone <= 3.0  # 0.6 s of loop, plus the interpreter's start
+        assert parent < 0.5  # it only waits
+        assert tree == pytest.approx(parent + alone, abs=0.05)
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert suite.tree_cpu_seconds(proc.pid) == 0.0  # gone: nothing to read, no error
+
+
+SPINNER = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
+    """What the suite does to the servers it is not measuring: a spinning child of the
+    paused process burns nothing while paused and spins again after."""
+    proc = subprocess.Popen([sys.executable, "-c", SPINNER], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert sorted(suite.process_tree(proc.pid)) == sorted([proc.pid, child])
+        with suite.paused([proc.pid]):
+            before = suite.tree_cpu_seconds(proc.pid)
+            time.sleep(0.5)
+            assert suite.tree_cpu_seconds(proc.pid) - before < 0.05  # stopped: no tick gained
+        after = suite.tree_cpu_seconds(proc.pid)
+        deadline = 100
+        while suite.tree_cpu_seconds(proc.pid) - after < 0.1 and deadline:  # spins again
+            time.sleep(0.05)
+            deadline -= 1
+        assert deadline, "the paused tree did not continue"
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
