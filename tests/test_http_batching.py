@@ -244,6 +244,50 @@ async def test_a_failing_batch_fails_only_its_own_requests(
         assert stats["fail"]["count"] == 1 and stats["success"]["count"] == 1
 
 
+async def test_a_lone_request_is_counted_as_the_core_would_count_its_batch(
+    repo: Path, server_config: ServerConfig, execution: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # event loop: a lone request runs on its own arrays, past the core; threads: through it.
+    # The answers, the errors and every count agree.
+    write_config(
+        repo,
+        "adder",
+        "batching:\n  max_batch_size: 8\n  max_queue_delay_us: 5000000\n"
+        f"  release_when_idle: true\nexecution: {execution}\n",
+    )
+    original = OnnxRuntimeSession.run
+
+    def flaky(self: OnnxRuntimeSession, inputs: Any) -> Any:
+        if (inputs[0] == 13).any():
+            raise RuntimeError("row 13 is cursed")
+        return original(self, inputs)
+
+    monkeypatch.setattr(OnnxRuntimeSession, "run", flaky)
+    async with (
+        running(server_config) as srv,
+        aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
+    ):
+        for value in (1.0, 2.0):
+            status, doc, _ = await post(s, adder_body(value))
+            assert status == 200 and doc["outputs"][0]["data"] == [2 * value] * 4, doc
+        status, doc, _ = await post(s, adder_body(13.0))
+        assert status == 500
+        assert "inference failed: RuntimeError: row 13 is cursed" in doc["error"]
+        model = srv.registry.get("adder")
+        stats = model.statistics()
+        assert stats["execution_count"] == 3
+        assert stats["batching"]["batches_by_release_reason"]["idle"] == 3
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [
+            (1, 3)
+        ]
+        inference = stats["inference_stats"]
+        assert (inference["success"]["count"], inference["fail"]["count"]) == (2, 1)
+        core = model.batcher.core_stats()
+        assert (core["submitted"], core["completed"], core["failed"]) == (3, 2, 1)
+        ran_in_core = model.batcher._core.stats()["batches"]  # the native core's own count
+        assert ran_in_core == (0 if execution == "event_loop" else 3)
+
+
 @pytest.mark.parametrize(
     ("text", "provider", "expected"),
     [
