@@ -71,13 +71,13 @@ def test_the_prediction_log_reads_many_requests_at_once_and_stays_bounded() -> N
     log.add("r", "c", "primary", "1", regressor, [np.array([[1.5]], np.float32)], None, 3.0)
     log.add("r", "d", "primary", "1", regressor, [np.array([[2.5]], np.float32)], None, 3.0)
     assert log.dropped == 1
-    rows = log.drain()
+    rows = log.drain(2) + log.drain(2)  # the oldest first, at most 2 a call
     assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
         ("m", "a", "primary", "1", "[1,0]", None),
         ("m", "b", "shadow", "2", "[2]", 0.7),
         ("r", "c", "primary", "1", "[1.5]", None),
     ]
-    assert log.drain() == []
+    assert log.drain(2) == [] and log.drain() == []
 
 
 def test_review_items_show_float32_values_as_their_shortest_decimal() -> None:

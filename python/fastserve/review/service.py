@@ -99,10 +99,15 @@ class PredictionLog:
                 return
             self._items.append((*item, time.time()))
 
-    def drain(self) -> list[tuple[Any, ...]]:
-        """Rows for the predictions table, for everything noted since the last drain."""
+    def drain(self, limit: int | None = None) -> list[tuple[Any, ...]]:
+        """Rows for the predictions table: the oldest ``limit`` records noted and not yet
+        drained (None: all of them)."""
         with self._lock:
-            items, self._items = self._items, []
+            if limit is None or len(self._items) <= limit:
+                items, self._items = self._items, []
+            else:
+                items = self._items[:limit]
+                del self._items[:limit]
         self.recorded.update((item[0], item[2], item[3]) for item in items)
         groups: dict[tuple[Reading, tuple[int, ...]], list[int]] = {}
         for i, item in enumerate(items):
