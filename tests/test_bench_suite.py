@@ -7,6 +7,7 @@ correct answer from a real fastserve, and the server-CPU accounting reads /proc 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +169,29 @@ child.wait()
 """
 
 
+@contextmanager
+def parent_and_child(script: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A Python process running ``script``, which starts a child and prints its pid first
+    on its first line; yields the process and that line, then kills both."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = ""
+    try:
+        line = proc.stdout.readline()
+        yield proc, line
+    finally:
+        if line.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_server_cpu_counts_the_process_tree() -> None:
     """A parent that burns nothing and a child that burns 0.6 s of CPU: the tree is counted."""
-    proc = subprocess.Popen([sys.executable, "-c", BURNER], stdout=subprocess.PIPE, text=True)
-    child = 0
-    try:
-        assert proc.stdout is not None
-        pid, word = proc.stdout.readline().split()
+    with parent_and_child(BURNER) as (proc, first_line):
+        pid, word = first_line.split()
         child = int(pid)
         assert word == "burnt"
         tree = suite.tree_cpu_seconds(proc.pid)
@@ -182,13 +200,6 @@ def test_server_cpu_counts_the_process_tree() -> None:
         assert 0.5 <= alone <= 3.0  # 0.6 s of loop, plus the interpreter's start
         assert parent < 0.5  # it only waits
         assert tree == pytest.approx(parent + alone, abs=0.05)
-    finally:
-        if child:
-            os.kill(child, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
     assert suite.tree_cpu_seconds(proc.pid) == 0.0  # gone: nothing to read, no error
 
 
@@ -203,11 +214,8 @@ child.wait()
 def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
     """What the suite does to the servers it is not measuring: a spinning child of the
     paused process burns nothing while paused and spins again after."""
-    proc = subprocess.Popen([sys.executable, "-c", SPINNER], stdout=subprocess.PIPE, text=True)
-    child = 0
-    try:
-        assert proc.stdout is not None
-        child = int(proc.stdout.readline())
+    with parent_and_child(SPINNER) as (proc, first_line):
+        child = int(first_line)
         assert sorted(suite.process_tree(proc.pid)) == sorted([proc.pid, child])
         with suite.paused([proc.pid]):
             before = suite.tree_cpu_seconds(proc.pid)
@@ -219,10 +227,3 @@ def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
             time.sleep(0.05)
             deadline -= 1
         assert deadline, "the paused tree did not continue"
-    finally:
-        if child:
-            os.kill(child, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()

@@ -220,9 +220,9 @@ async def test_several_instances_each_run_batches(
         assert ran >= {id(session) for session in model.sessions}
 
 
-async def test_a_failing_batch_fails_only_its_own_requests(
-    adder_config: ServerConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def cursed_13(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend fails every batch that holds a 13."""
     original = OnnxRuntimeSession.run
 
     def flaky(self: OnnxRuntimeSession, inputs: Any) -> Any:
@@ -231,6 +231,10 @@ async def test_a_failing_batch_fails_only_its_own_requests(
         return original(self, inputs)
 
     monkeypatch.setattr(OnnxRuntimeSession, "run", flaky)
+
+
+@pytest.mark.usefixtures("cursed_13")
+async def test_a_failing_batch_fails_only_its_own_requests(adder_config: ServerConfig) -> None:
     async with (
         running(adder_config) as srv,
         aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
@@ -244,8 +248,9 @@ async def test_a_failing_batch_fails_only_its_own_requests(
         assert stats["fail"]["count"] == 1 and stats["success"]["count"] == 1
 
 
+@pytest.mark.usefixtures("cursed_13")
 async def test_a_lone_request_is_counted_as_the_core_would_count_its_batch(
-    repo: Path, server_config: ServerConfig, execution: str, monkeypatch: pytest.MonkeyPatch
+    repo: Path, server_config: ServerConfig, execution: str
 ) -> None:
     # event loop: a lone request runs on its own arrays, past the core; threads: through it.
     # The answers, the errors and every count agree.
@@ -255,14 +260,6 @@ async def test_a_lone_request_is_counted_as_the_core_would_count_its_batch(
         "batching:\n  max_batch_size: 8\n  max_queue_delay_us: 5000000\n"
         f"  release_when_idle: true\nexecution: {execution}\n",
     )
-    original = OnnxRuntimeSession.run
-
-    def flaky(self: OnnxRuntimeSession, inputs: Any) -> Any:
-        if (inputs[0] == 13).any():
-            raise RuntimeError("row 13 is cursed")
-        return original(self, inputs)
-
-    monkeypatch.setattr(OnnxRuntimeSession, "run", flaky)
     async with (
         running(server_config) as srv,
         aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,

@@ -245,7 +245,12 @@ class ReviewStore:
         db = self._db
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for table, drain in self._sources:
-            while produced := drain(SOURCE_CHUNK):
+            # at most max_buffered rows a source a flush: records that keep arriving while
+            # it drains wait for the next flush, so a flush always ends
+            for _ in range(-(-self.max_buffered // SOURCE_CHUNK)):
+                produced = drain(SOURCE_CHUNK)
+                if not produced:
+                    break
                 rows.setdefault(table, []).extend(produced)
                 # The event loop may be waiting for the GIL: CPython would hand it over only
                 # after the 5 ms switch interval (the one-connection p99 paid it every flush).
