@@ -25,21 +25,19 @@ from fastserve import __version__
 from fastserve.config import ServerConfig
 from fastserve.errors import (
     FastServeError,
-    InvalidRequest,
     RecordNotFound,
-    SchemaViolation,
     ServerStopping,
 )
 from fastserve.http import admin, review_routes
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import decode_request, encode_response
+from fastserve.inference import prepare
 from fastserve.model import PLATFORM, ServedModel
 from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
+from fastserve.protocol import InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
-from fastserve.validation import pack_features, validate_inputs, validate_outputs
 
 log = logging.getLogger("fastserve.http")
 
@@ -331,39 +329,6 @@ async def metrics(
 # -- inference --------------------------------------------------------------------------------
 
 
-def _request_options(request: InferenceRequest, model: ServedModel) -> tuple[int, int]:
-    """The core priority level and queue timeout (µs, -1: default) of a request."""
-    params = request.parameters
-    batching = model.config.batching
-    priority = params.get("priority", 0)
-    if type(priority) is not int or not 0 <= priority <= batching.priority_levels:
-        raise InvalidRequest(
-            f"parameter 'priority' must be an integer in 0..{batching.priority_levels}"
-        )
-    timeout = params.get("timeout", -1)
-    if timeout != -1 and (type(timeout) is not int or not 0 < timeout <= 3_600_000_000):
-        raise InvalidRequest("parameter 'timeout' must be a positive integer (microseconds)")
-    return batching.priority_index(priority), timeout
-
-
-def check_values(model: ServedModel, values: Any, state: ServerState) -> None:
-    """The version's value schema on ``values`` (the features, [rows, columns]): reject
-    (400) or warn (count and log) on a failure."""
-    schema = model.schema
-    assert schema is not None
-    failures = schema.compiled.check(values)
-    metrics = state.registry.metrics
-    metrics.request_validated(model.name, model.version, not failures)
-    if not failures:
-        return
-    for failure in failures:
-        metrics.validation_failed(model.name, model.version, failure.feature, failure.check)
-    docs = [f.as_doc() for f in failures]
-    if model.config.validation == "reject":
-        raise SchemaViolation(model.label, docs)
-    log.warning("model %s: input values fail its schema (served): %s", model.label, docs[:3])
-
-
 def _response_format(request: web.BaseRequest, content_type: str) -> str:
     """msgpack when the request was msgpack or asks for it, else JSON."""
     if (
@@ -429,34 +394,9 @@ async def _infer(
         # a huge shape is refused before anything is allocated
         max_elements=len(body),
     )
-    decoded = preprocessed = time.perf_counter_ns()
-    preprocess_ns = None  # the stage is observed when the pipeline ran
-    if model.preprocess is not None:
-        raw = inference
-        inference = await model.preprocess.apply(raw)
-        if inference is not raw:
-            preprocessed = time.perf_counter_ns()
-            preprocess_ns = preprocessed - decoded
-    features = None  # what the value schema checks, when not the model's input itself
-    if model.tabular is not None:
-        raw = inference
-        inference, features = model.tabular.apply(raw)
-        if inference is not raw:
-            preprocessed = time.perf_counter_ns()
-            preprocess_ns = preprocessed - decoded  # both pipelines, when both ran
-    elif model.schema is not None:
-        inference = pack_features(inference, model.schema, model.accepts)
-    arrays = validate_inputs(
-        inference,
-        model.accepts,
-        max_batch_size=model.config.batching.max_batch_size,
-        raw=model.raw_input,
-    )
-    validate_outputs(inference, model.signature)
-    schema = model.schema
-    if schema is not None and model.config.validation != "off":
-        check_values(model, arrays[schema.input_index] if features is None else features, state)
-    priority, timeout_us = _request_options(inference, model)
+    decoded = time.perf_counter_ns()
+    prepared = await prepare(model, inference, state.registry.metrics, decoded)
+    inference, arrays = prepared.request, prepared.arrays
     validated = time.perf_counter_ns()
     # When every open connection has a request waiting on a batch, no one can send the
     # request the delay would wait for (a closed loop: e.g. one client at a time).
@@ -468,7 +408,7 @@ async def _infer(
     state.batching += 1
     try:
         completion = await model.batcher.infer(
-            arrays, priority=priority, timeout_us=timeout_us, last=last
+            arrays, priority=prepared.priority, timeout_us=prepared.timeout_us, last=last
         )
     finally:
         state.batching -= 1
@@ -505,10 +445,10 @@ async def _infer(
         completion.queue_ns,
         completion.compute_ns,
         decoded - decode_start,
-        validated - preprocessed,
+        validated - prepared.preprocessed,
         done - encode_start,
         stages=state.config.monitoring,  # (drift is fed per batch, by the batcher)
-        preprocess_ns=preprocess_ns,
+        preprocess_ns=prepared.preprocess_ns,
     )
     result = web.Response(body=payload, headers=response_headers)
     if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
