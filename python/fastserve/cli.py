@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(commands)
 
+    from fastserve.offline.cli import add_batch_command
+
+    add_batch_command(commands)
+
     demo = commands.add_parser("demo", help="build the demo model repository and print its path")
     demo.add_argument("--out", help="folder to build it in (default: the user cache)")
     demo.add_argument("--force", action="store_true", help="rebuild even if present")

@@ -14,40 +14,50 @@ from typing import Any
 
 from fastserve.tabular import FORMATS, TableError, read_table
 
-__all__ = ["add_data_commands", "resolve_schema_file"]
+__all__ = ["Refused", "add_data_commands", "guarded", "resolve_schema_file", "resolve_version"]
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """The command cannot run; the message says why (exit 2)."""
 
 
-def resolve_schema_file(repository: Path, model: str, version: str | None) -> Path:
-    """The ``schema.yaml`` of ``model``'s ``version`` (default: the primary the config names,
-    else the highest version the version policy loads)."""
+def resolve_version(repository: Path, model: str, version: str | None) -> str:
+    """``version`` if ``model`` has it; else the primary its config names, else the
+    highest version its version policy loads (the version online traffic gets)."""
     from fastserve import repository as repo
     from fastserve.config import load_model_config
     from fastserve.errors import ConfigError
-    from fastserve.schema import SCHEMA_FILE
 
     source = repo.find(repository, model)
     if source is None:
-        raise _Refused(f"{repository} has no model '{model}'")
+        raise Refused(f"{repository} has no model '{model}'")
     available = source.versions()
-    if version is None:
-        try:
-            config = load_model_config(source.config_path)
-        except ConfigError as exc:
-            raise _Refused(str(exc)) from None
-        loaded = config.version_policy.select([int(v) for v in available])
-        chosen = config.primary or (loaded[-1] if loaded else None)
-        if chosen is None:
-            raise _Refused(f"model '{model}' has no version to check against")
-        version = str(chosen)
-    elif version not in available:
-        raise _Refused(f"model '{model}' has no version {version}")
+    if version is not None:
+        if version not in available:
+            raise Refused(f"model '{model}' has no version {version}")
+        return version
+    try:
+        config = load_model_config(source.config_path)
+    except ConfigError as exc:
+        raise Refused(str(exc)) from None
+    loaded = config.version_policy.select([int(v) for v in available])
+    chosen = config.primary or (loaded[-1] if loaded else None)
+    if chosen is None:
+        raise Refused(f"model '{model}' has no version to serve")
+    return str(chosen)
+
+
+def resolve_schema_file(repository: Path, model: str, version: str | None) -> Path:
+    """The ``schema.yaml`` of ``model``'s ``version`` (default: as ``resolve_version``)."""
+    from fastserve import repository as repo
+    from fastserve.schema import SCHEMA_FILE
+
+    version = resolve_version(repository, model, version)
+    source = repo.find(repository, model)
+    assert source is not None
     path = source.path / version / SCHEMA_FILE
     if not path.is_file():
-        raise _Refused(f"model '{model}' version {version} has no {SCHEMA_FILE}")
+        raise Refused(f"model '{model}' version {version} has no {SCHEMA_FILE}")
     return path
 
 
@@ -57,12 +67,12 @@ def _profile(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not args.force and (out / SCHEMA_FILE).exists():
-        raise _Refused(f"{out / SCHEMA_FILE} exists (--force replaces it)")
+        raise Refused(f"{out / SCHEMA_FILE} exists (--force replaces it)")
     frame = read_table(Path(args.data), args.format)
     named = [*args.drop, *([args.predictions] if args.predictions else [])]
     missing = [c for c in named if c not in frame.columns]
     if missing:
-        raise _Refused(f"no column {', '.join(map(repr, missing))} in the data")
+        raise Refused(f"no column {', '.join(map(repr, missing))} in the data")
     try:
         profile = profile_frame(
             frame.drop(columns=named),
@@ -71,7 +81,7 @@ def _profile(args: argparse.Namespace) -> int:
             predictions=None if args.predictions is None else frame[args.predictions].to_numpy(),
         )
     except ProfileError as exc:
-        raise _Refused(f"{args.data}: {exc}") from None
+        raise Refused(f"{args.data}: {exc}") from None
     schema_path, reference_path = profile.write(out)
     features = profile.reference.features
     discrete = sum(f.kind == "discrete" for f in features)
@@ -100,7 +110,7 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         schema = read_schema(schema_path)
     except Exception as exc:  # pandera's and PyYAML's errors alike: the file is at fault
-        raise _Refused(f"{schema_path}: not a pandera schema: {exc}") from None
+        raise Refused(f"{schema_path}: not a pandera schema: {exc}") from None
     frame = read_table(Path(args.data), args.format)
     report = validate_frame(schema, frame, source=args.data)
     if args.json:
@@ -111,11 +121,11 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _guarded(func: Any) -> Any:
+def guarded(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             result: int = func(args)
-        except (_Refused, TableError) as exc:
+        except (Refused, TableError) as exc:
             print(f"fastserve {args.command}: {exc}", file=sys.stderr)
             return 2
         return result
@@ -151,7 +161,7 @@ def add_data_commands(commands: Any) -> None:
         help="at most this many distinct whole numbers make a feature discrete (isin)",
     )
     profile.add_argument("--force", action="store_true", help="replace an existing schema.yaml")
-    profile.set_defaults(func=_guarded(_profile))
+    profile.set_defaults(func=guarded(_profile))
 
     validate = commands.add_parser(
         "validate",
@@ -167,4 +177,4 @@ def add_data_commands(commands: Any) -> None:
     validate.add_argument("--repository", help="model repository (default: the bundled demo)")
     validate.add_argument("--format", choices=FORMATS, help="file format (default: from suffix)")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
-    validate.set_defaults(func=_guarded(_validate))
+    validate.set_defaults(func=guarded(_validate))

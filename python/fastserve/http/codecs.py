@@ -28,6 +28,7 @@ Decisions a client can see:
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, Final, NoReturn
 
@@ -53,6 +54,8 @@ __all__ = [
     "OCTET_STREAM",
     "decode_request",
     "encode_response",
+    "tensor_bytes",
+    "tensor_from_bytes",
 ]
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
@@ -518,6 +521,15 @@ def _from_raw(
     return array.reshape(shape)
 
 
+def tensor_from_bytes(
+    buf: memoryview | bytes, datatype: str, shape: tuple[int, ...], label: str
+) -> npt.NDArray[Any]:
+    """A tensor from its raw little-endian bytes (BYTES: 4-byte lengths and the bytes), as
+    Triton's binary extension and msgpack bodies carry it; ``InvalidRequest`` if the bytes
+    do not make ``shape``."""
+    return _from_raw(buf, datatype, shape, math.prod(shape), label)
+
+
 def _bytes_from_raw(
     buf: memoryview, shape: tuple[int, ...], count: int, label: str
 ) -> npt.NDArray[Any]:
@@ -632,7 +644,7 @@ def _encode_json(
             "shape": list(out.data.shape),
         }
         if binary:
-            raw = _raw_bytes(out.data, out.datatype)
+            raw = tensor_bytes(out.data, out.datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -665,7 +677,8 @@ def _as_bytes(item: Any) -> bytes:
     return (item if isinstance(item, str) else str(item)).encode()
 
 
-def _raw_bytes(data: npt.NDArray[Any], datatype: str) -> bytes | memoryview:
+def tensor_bytes(data: npt.NDArray[Any], datatype: str) -> bytes | memoryview:
+    """A tensor's raw little-endian bytes (BYTES: each element's 4-byte length, then it)."""
     if datatype == "BYTES":
         parts: list[bytes] = []
         append = parts.append
@@ -681,7 +694,7 @@ def _raw_bytes(data: npt.NDArray[Any], datatype: str) -> bytes | memoryview:
 def _msgpack_data(data: npt.NDArray[Any], datatype: str) -> Any:
     if datatype == "BYTES":
         return [_as_bytes(item) for item in data.reshape(-1).tolist()]
-    return _raw_bytes(data, datatype)
+    return tensor_bytes(data, datatype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Offline batch inference (``fastserve batch``): files scored through the online path."""

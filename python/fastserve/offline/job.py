@@ -1,0 +1,451 @@
+"""``fastserve batch``: score a file through the online path, resumably.
+
+The job reads the input in fixed chunks (``source``), turns each into V2 request inputs
+(``columns``), predicts them in requests of at most ``request_rows`` rows with a bounded
+number in flight (``predictors``), and commits the chunk: its output part, its reject
+part, then a small record that marks it done, each written beside its final name and
+renamed into place. A job killed at any point and started again with the same arguments
+finds the committed chunks in its work folder (``.OUTPUT.batch`` beside the output),
+starts after the last one, and so writes exactly the rows one clean run writes. When the
+last chunk is committed, the parts are merged into OUTPUT and the reject file, and the
+work folder is removed.
+
+A request the model refuses (a 400 online) is split in halves until the rows at fault are
+alone; each goes to the reject file with the model's own reason and the rest are scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pyarrow as pa
+
+from fastserve import __version__
+from fastserve.offline.columns import ColumnPlan, PlanError, convert, plan
+from fastserve.offline.output import (
+    ROW_KEY,
+    OutputFiles,
+    reject_lines,
+    sync_folder,
+    write_atomically,
+)
+from fastserve.offline.predictors import JobError, Predictor, Refused
+from fastserve.offline.source import Chunk, Source
+from fastserve.protocol import InputTensor
+from fastserve.tabular import TableFormat
+
+__all__ = ["JobSpec", "Summary", "TooManyRejects", "run_job"]
+
+log = logging.getLogger("fastserve.batch")
+
+MANIFEST: Final = "job.json"
+_LOG_EVERY_S: Final = 10.0
+Progress = Literal["auto", "bar", "log", "off"]
+
+
+class TooManyRejects(Exception):
+    """More rows were rejected than ``--max-reject`` allows; the job stopped."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: Path
+    input_format: TableFormat
+    output: Path
+    output_format: TableFormat
+    rejects: Path
+    model: str
+    source: str
+    """``repo:PATH`` or ``url:URL``: where the model runs."""
+    key: str | None = None
+    drop: tuple[str, ...] = ()
+    pack: str | None = None
+    chunk_rows: int = 65536
+    max_reject: int | None = None
+    overwrite: bool = False
+    restart: bool = False
+    progress: Progress = "auto"
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed job must share with the one that began (the input file as it
+        was; every argument that changes which rows go where)."""
+        stat = self.input.stat()
+        return {
+            "input": str(self.input.resolve()),
+            "input_size": stat.st_size,
+            "input_mtime_ns": stat.st_mtime_ns,
+            "input_format": self.input_format,
+            "output": str(self.output.resolve()),
+            "output_format": self.output_format,
+            "rejects": str(self.rejects.resolve()),
+            "model": self.model,
+            "source": self.source,
+            "key": self.key,
+            "drop": list(self.drop),
+            "pack": self.pack,
+            "chunk_rows": self.chunk_rows,
+        }
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    """Data rows read (scored or rejected); malformed lines are not rows."""
+    predicted: int = 0
+    rejected: int = 0
+    malformed: int = 0
+    seconds: float = 0.0
+    resumed_chunks: int = 0
+    version: str = ""
+    output: Path | None = None
+    rejects: Path | None = None
+    stopped: str | None = None
+    """Why the job stopped early (too many rejects); None when it finished."""
+    _started: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def refused(self) -> int:
+        return self.rejected + self.malformed
+
+    def render(self) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        resumed = self.resumed_chunks
+        lines = [
+            f"rows: {self.rows:,} read, {self.predicted:,} predicted, {self.rejected:,} "
+            f"rejected, {self.malformed:,} malformed lines",
+            f"time: {self.seconds:.1f} s, {rate:,.0f} rows/s"
+            + (f" (resumed after {resumed} committed chunks)" if resumed else ""),
+            f"model version: {self.version}",
+        ]
+        if self.output is not None:
+            lines.append(f"output: {self.output}")
+        if self.refused and self.rejects is not None:
+            lines.append(f"rejects: {self.rejects}")
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A committed chunk's counts (its ``chunk-K.done`` file)."""
+
+    rows: int
+    predicted: int
+    rejected: int
+    malformed: int
+
+
+class WorkFolder:
+    """The job's committed chunks: ``job.json``, then per chunk ``chunk-K.out``,
+    ``chunk-K.rej`` and the ``chunk-K.done`` that commits both."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.with_name(f".{output.name}.batch")
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            doc = orjson.loads((self.path / MANIFEST).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def begin(self, manifest: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path / MANIFEST, lambda f: f.write(orjson.dumps(manifest)))
+
+    def committed(self) -> list[_Record]:
+        """The committed chunks, 0 to the first one missing."""
+        records: list[_Record] = []
+        while True:
+            try:
+                doc = orjson.loads(self._file(len(records), "done").read_bytes())
+            except FileNotFoundError:
+                return records
+            records.append(_Record(**doc))
+
+    def part(self, index: int) -> Path:
+        return self._file(index, "out")
+
+    def rejects(self, index: int) -> Path:
+        return self._file(index, "rej")
+
+    def commit(self, index: int, record: _Record) -> None:
+        doc = orjson.dumps(record.__dict__)
+        write_atomically(self._file(index, "done"), lambda f: f.write(doc))
+        sync_folder(self.path)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _file(self, index: int, kind: str) -> Path:
+        return self.path / f"chunk-{index:06d}.{kind}"
+
+
+class _Progress:
+    """A bar on a terminal (tqdm), else a log line every ``_LOG_EVERY_S`` seconds."""
+
+    def __init__(self, mode: Progress, total: int, exact: bool, done: int) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self.total = total
+        self.exact = exact
+        self.done = done
+        self._start = time.perf_counter()
+        self._start_done = done
+        self._last_log = self._start
+        self._bar: Any = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total or None, initial=done, unit="row", unit_scale=True,
+                             dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if self._bar is not None:
+            self._bar.update(rows)
+            return
+        now = time.perf_counter()
+        if self.mode == "log" and now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            rate = (self.done - self._start_done) / (now - self._start)
+            left = max(self.total - self.done, 0)
+            eta = f", ETA {left / rate:.0f} s" if rate > 0 and self.total else ""
+            of = f" of {'' if self.exact else '~'}{self.total:,}" if self.total else ""
+            log.info("%s rows%s, %s rows/s%s", f"{self.done:,}", of, f"{rate:,.0f}", eta)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
+    """Run (or resume) the job with an entered ``predictor``; ``JobError`` if it cannot
+    go on, ``TooManyRejects`` (with the summary so far) past ``max_reject``."""
+    work = WorkFolder(spec.output)
+    summary = Summary(version=predictor.version)
+    summary.rejects = spec.rejects
+    done = _resume_point(spec, work, predictor)
+    summary.resumed_chunks = len(done)
+    for record in done:
+        summary.rows += record.rows
+        summary.predicted += record.predicted
+        summary.rejected += record.rejected
+        summary.malformed += record.malformed
+    source = Source(spec.input, spec.input_format, spec.chunk_rows)
+    total, exact = source.total_rows()
+    progress = _Progress(spec.progress, total, exact, summary.rows)
+    files: OutputFiles | None = None
+    column_plan: ColumnPlan | None = None
+    try:
+        for chunk in source.chunks():
+            if column_plan is None:
+                column_plan = _plan(chunk, predictor, spec)
+                files = _files(spec, predictor)
+            if chunk.index < len(done):
+                continue  # committed by an earlier run (read again only for the plan)
+            assert files is not None
+            record = await _score(chunk, column_plan, predictor, files, work, spec)
+            summary.rows += record.rows
+            summary.predicted += record.predicted
+            summary.rejected += record.rejected
+            summary.malformed += record.malformed
+            summary.version = predictor.version
+            progress.update(record.rows)
+            if spec.max_reject is not None and summary.refused > spec.max_reject:
+                summary.stopped = (
+                    f"{summary.refused:,} rows rejected, more than --max-reject "
+                    f"{spec.max_reject:,}; the committed chunks are kept in {work.path}"
+                )
+                _merge_rejects(work, spec.rejects, _count(work))
+                raise TooManyRejects(summary)
+    finally:
+        progress.close()
+    if files is None:
+        files = _files(spec, predictor)
+    chunks = _count(work)
+    if chunks == 0:  # an empty input: no chunk came, but the files should exist
+        raise JobError(f"{spec.input}: no rows and no columns")
+    files.merge([work.part(k) for k in range(chunks)], spec.output)
+    _merge_rejects(work, spec.rejects, chunks)
+    work.remove()
+    summary.output = spec.output
+    summary.seconds = time.perf_counter() - summary._started
+    return summary
+
+
+def _count(work: WorkFolder) -> int:
+    return len(work.committed())
+
+
+def _merge_rejects(work: WorkFolder, dest: Path, chunks: int) -> None:
+    """The reject parts as one JSON Lines file (none when nothing was rejected)."""
+    parts = [work.rejects(k) for k in range(chunks)]
+    if not any(p.stat().st_size for p in parts):
+        dest.unlink(missing_ok=True)
+        return
+
+    def write(f: Any) -> None:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, f)
+
+    write_atomically(dest, write)
+
+
+def _resume_point(spec: JobSpec, work: WorkFolder, predictor: Predictor) -> list[_Record]:
+    identity = spec.identity()
+    if work.exists() and spec.restart:
+        work.remove()
+    if not work.exists():
+        if spec.output.exists() and not spec.overwrite:
+            raise JobError(f"{spec.output} exists (--overwrite replaces it)")
+        work.begin({"fastserve": __version__, "identity": identity,
+                    "version": predictor.version})  # fmt: skip
+        return []
+    manifest = work.manifest()
+    if manifest is None:
+        raise JobError(f"{work.path} is not a batch job's work folder (--restart removes it)")
+    began = manifest.get("identity", {})
+    changed = [k for k in identity if began.get(k) != identity[k]]
+    if changed:
+        raise JobError(
+            f"{work.path} holds a job begun with other arguments or another input "
+            f"({', '.join(changed)} differ): run it as it began, or --restart"
+        )
+    version = str(manifest.get("version") or "")
+    if version and predictor.version != version:
+        raise JobError(
+            f"the job began with model '{spec.model}' version {version}, now version "
+            f"{predictor.version}: finish it with --version {version}, or --restart"
+        )
+    done = work.committed()
+    log.info("resuming: %d chunks committed (%d rows)", len(done), sum(r.rows for r in done))
+    return done
+
+
+def _plan(chunk: Chunk, predictor: Predictor, spec: JobSpec) -> ColumnPlan:
+    try:
+        column_plan = plan(chunk.table, predictor.inputs, key=spec.key, drop=list(spec.drop),
+                           pack=spec.pack)  # fmt: skip
+    except PlanError as exc:
+        raise JobError(f"{spec.input}: {exc}") from None
+    sent = ", ".join(f"{name} ({kind})" for name, kind in column_plan.inputs[:6])
+    more = len(column_plan.inputs) - 6
+    log.info("columns sent: %s%s", sent, f" and {more} more" if more > 0 else "")
+    return column_plan
+
+
+def _files(spec: JobSpec, predictor: Predictor) -> OutputFiles:
+    try:
+        return OutputFiles(spec.output_format, spec.key or ROW_KEY, predictor.outputs)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+
+
+async def _score(
+    chunk: Chunk,
+    column_plan: ColumnPlan,
+    predictor: Predictor,
+    files: OutputFiles,
+    work: WorkFolder,
+    spec: JobSpec,
+) -> _Record:
+    """Predict one chunk and commit it."""
+    table = chunk.table
+    try:
+        converted = convert(table, column_plan)
+    except PlanError as exc:
+        raise JobError(f"{spec.input}, rows from {chunk.first_row}: {exc}") from None
+    reasons = dict(converted.rejected)
+    good = converted.good
+    outputs, refused = await _predict_all(predictor, converted.tensors, len(good))
+    for position, reason in refused.items():
+        reasons[int(good[position])] = reason
+    keep = np.ones(len(good), bool)
+    keep[list(refused)] = False
+    scored = good[keep]
+    if table.num_rows and not len(scored) and chunk.index == 0 and len(set(reasons.values())) == 1:
+        raise JobError(
+            f"every row of the first chunk was refused, all for the same reason: "
+            f"{next(iter(reasons.values()))}"
+        )
+    kept = [out[keep] for out in outputs]
+    keys = _keys(table, scored, chunk.first_row, spec.key)
+    files.write_part(files.table(keys, kept), work.part(chunk.index))
+    rows = sorted(reasons)
+    lines = reject_lines(table, rows, [reasons[r] for r in rows], chunk.first_row, spec.key,
+                         chunk.malformed)  # fmt: skip
+    write_atomically(work.rejects(chunk.index), lambda f: f.write(lines))
+    record = _Record(table.num_rows, len(scored), len(rows), len(chunk.malformed))
+    work.commit(chunk.index, record)
+    return record
+
+
+def _keys(table: pa.Table, rows: npt.NDArray[np.intp], first_row: int, key: str | None) -> Any:
+    if key is None:
+        return pa.array(rows.astype(np.int64) + first_row)
+    return table.column(key).take(pa.array(rows, pa.int64())).combine_chunks()
+
+
+async def _predict_all(
+    predictor: Predictor, tensors: list[InputTensor], rows: int
+) -> tuple[list[npt.NDArray[Any]], dict[int, str]]:
+    """The outputs of ``rows`` rows (refused rows: zeros) and, by row, why any was refused."""
+    step = predictor.request_rows
+    gate = asyncio.Semaphore(predictor.in_flight)
+    refused: dict[int, str] = {}
+    pieces: dict[int, list[npt.NDArray[Any]]] = {}
+
+    async def attempt(lo: int, hi: int) -> None:
+        inputs = [_rows(t, lo, hi) for t in tensors]
+        try:
+            async with gate:
+                pieces[lo] = await predictor.predict(inputs)
+        except Refused as exc:
+            if hi - lo == 1:
+                refused[lo] = str(exc)
+                return
+            mid = (lo + hi) // 2
+            await asyncio.gather(attempt(lo, mid), attempt(mid, hi))
+
+    await asyncio.gather(*(attempt(lo, min(lo + step, rows)) for lo in range(0, rows, step)))
+    outputs = []
+    for k, spec in enumerate(predictor.outputs):
+        parts = [pieces[lo][k] for lo in sorted(pieces)]
+        if parts:
+            out = np.zeros((rows, *parts[0].shape[1:]), parts[0].dtype)
+        else:  # every row refused: an empty answer of the output's declared shape
+            tail = [max(d, 1) for d in spec.shape[1:]]
+            out = np.zeros((rows, *tail), _dtype(spec.datatype))
+        for lo in sorted(pieces):
+            piece = pieces[lo][k]
+            out[lo : lo + len(piece)] = piece
+        outputs.append(out)
+    return outputs, refused
+
+
+def _rows(tensor: InputTensor, lo: int, hi: int) -> InputTensor:
+    data = tensor.data[lo:hi]
+    return InputTensor(tensor.name, tensor.datatype, data.shape, data)
+
+
+def _dtype(datatype: str) -> np.dtype[Any]:
+    from fastserve.protocol import DATATYPE_TO_NUMPY
+
+    return DATATYPE_TO_NUMPY[datatype]
