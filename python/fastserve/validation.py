@@ -73,25 +73,37 @@ def pack_features(
                 f"feature {quoted(name)}: datatype {clip(tensor.datatype)} is not numeric"
             )
     spec = signature.inputs[schema.input_index]
-    # one concatenation in feature order (numpy promotes mixed datatypes), then one
-    # conversion into the [rows, features] layout
-    stacked = np.concatenate([columns[name].data.ravel() for name in features])
     dtype = DATATYPE_TO_NUMPY[spec.datatype]
+    sources = [columns[name].data.reshape(rows) for name in features]
+    # one pass into the [rows, features] layout, converting as it goes (numpy casts each
+    # column as pandas would)
     with np.errstate(over="ignore"):
-        packed = np.ascontiguousarray(stacked.reshape(len(features), rows).T, dtype=dtype)
+        packed = np.stack(sources, axis=1, dtype=dtype, casting="unsafe")
     # as the codecs do: a value too large for the tensor's datatype is refused, not made inf
-    if (
-        packed is not stacked
-        and dtype.kind == "f"
-        and stacked.dtype.kind == "f"
-        and np.isinf(packed).any()
-        and np.count_nonzero(np.isinf(packed)) != np.count_nonzero(np.isinf(stacked))
-    ):
+    if dtype.kind == "f" and _overflowed(sources, packed):
         raise InvalidRequest(
             f"input {quoted(target)}: a feature's value does not fit {spec.datatype}"
         )
     tensor = InputTensor(target, spec.datatype, packed.shape, packed)
     return InferenceRequest([*others, tensor], request.id, request.outputs, request.parameters)
+
+
+def _overflowed(sources: list[npt.NDArray[Any]], packed: npt.NDArray[Any]) -> bool:
+    """Did converting ``sources`` into ``packed`` (a float type) make a value infinite?
+    Looked for only when a source can overflow it: a wider float, or integers into FP16."""
+    itemsize = packed.dtype.itemsize
+    if not any(
+        (a.dtype.kind == "f" and a.dtype.itemsize > itemsize)
+        or (a.dtype.kind in "iu" and itemsize == 2)
+        for a in sources
+    ):
+        return False
+    infinite = np.isinf(packed)
+    if not infinite.any():
+        return False
+    return int(infinite.sum()) != sum(
+        int(np.isinf(a).sum()) for a in sources if a.dtype.kind == "f"
+    )
 
 
 def feature_columns(

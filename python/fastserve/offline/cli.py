@@ -95,6 +95,7 @@ def _batch(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         restart=args.restart,
         progress=args.progress,
+        log_every_s=args.log_every,
     )
 
     async def job() -> Any:
@@ -109,12 +110,6 @@ def _batch(args: argparse.Namespace) -> int:
         return EXIT_TOO_MANY
     except (JobError, TableError) as exc:
         print(f"fastserve batch: {exc}", file=sys.stderr)
-        if WorkFolder(output).exists():
-            print(
-                "fastserve batch: the committed chunks are kept: run the same command "
-                "again to resume",
-                file=sys.stderr,
-            )
         return EXIT_ERROR
     sys.stdout.write(summary.render())
     return EXIT_REJECTED if summary.refused else 0
@@ -209,5 +204,12 @@ def add_batch_command(commands: Any) -> None:
         choices=["auto", "bar", "log", "off"],
         default="auto",
         help="a bar on a terminal, else a log line every 10 s (default auto)",
+    )
+    batch.add_argument(
+        "--log-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines when not on a terminal (default 10)",
     )
     batch.set_defaults(func=_batch)

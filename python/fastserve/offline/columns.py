@@ -27,12 +27,17 @@ import pyarrow.compute as pc
 
 from fastserve.protocol import DATATYPE_TO_NUMPY, InputTensor, TensorSpec
 
-__all__ = ["ColumnPlan", "Converted", "PlanError", "convert", "plan"]
+__all__ = ["ColumnPlan", "Converted", "PlanError", "convert", "feature_kinds", "plan"]
 
-Kind = Literal["input", "pack", "number", "text"]
-_NUMBER_SHARE: Final = 0.9
-"""A text column is numbers when this share of its values (in the first chunk) are."""
+Kind = Literal["input", "pack", "number", "integer", "text"]
+_NUMBER_SHARE: Final = 0.5
+"""A text column of a feature the model does not describe is numbers when at least this
+share of its values (in the first chunk) are: a few bad values reject their rows, they do
+not turn a column of numbers into text."""
 _SHOWN: Final = 40
+
+
+_DATATYPES: Final = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
 
 
 class PlanError(ValueError):
@@ -69,8 +74,11 @@ def plan(
     key: str | None,
     drop: list[str],
     pack: str | None,
+    known: dict[str, Kind] | None = None,
 ) -> ColumnPlan:
-    """Which column is what, decided on the first chunk (and kept for the whole job)."""
+    """Which column is what, decided on the first chunk (and kept for the whole job).
+    ``known``: the kinds of the features the model describes (its schema's numbers, its
+    tabular pipeline's categories); others are told from the values."""
     names = list(table.column_names)
     named = [n for n in [key, *drop] if n is not None]
     missing = [n for n in named if n not in names]
@@ -102,7 +110,8 @@ def plan(
             specs[name] = by_name[name]
             kinds.append((name, "input"))
         elif pack is None:
-            kinds.append((name, _feature_kind(name, table.column(name))))
+            kind = (known or {}).get(name) or _feature_kind(name, table.column(name))
+            kinds.append((name, kind))
     return ColumnPlan(key, tuple(kinds), specs, pack)
 
 
@@ -118,6 +127,10 @@ def convert(table: pa.Table, plan: ColumnPlan) -> Converted:
             arrays[name] = _tensor(name, column, plan.specs[name], reasons)
         elif kind == "text":
             arrays[name] = _text(column)
+        elif kind == "integer":
+            numbers = _numbers(name, column, reasons, nulls=False)
+            owner = np.arange(rows)
+            arrays[name] = _fit(name, numbers, "INT64", np.isnan(numbers), reasons, owner)
         else:
             numbers = _numbers(name, column, reasons, nulls=kind == "number")
             if kind == "pack":
@@ -132,7 +145,12 @@ def convert(table: pa.Table, plan: ColumnPlan) -> Converted:
         flat = _fit(plan.pack, stacked.ravel(), spec.datatype, np.zeros(owner.size, bool),
                     reasons, owner)  # fmt: skip
         packed_input = flat.reshape((rows, *spec.shape[1:]))
-    good = np.setdiff1d(np.arange(rows), np.fromiter(reasons, np.intp, len(reasons)))
+    if reasons:
+        sent = np.ones(rows, bool)
+        sent[list(reasons)] = False
+        good = np.flatnonzero(sent)
+    else:
+        good = np.arange(rows)
     tensors = []
     for name, kind in plan.inputs:
         if name in arrays:
@@ -145,6 +163,21 @@ def convert(table: pa.Table, plan: ColumnPlan) -> Converted:
 
 
 # -- planning ------------------------------------------------------------------------------
+
+
+def feature_kinds(config: dict[str, Any]) -> dict[str, Kind]:
+    """The features a model config's tabular pipeline takes by name, and their kinds:
+    numbers, categories of text, categories of integers. (A fastserve server sends its
+    config at ``/v2/models/M/config``; others have no pipeline there.)"""
+    tabular = (config.get("preprocessing") or {}).get("tabular") or {}
+    kinds: dict[str, Kind] = {}
+    for feature in tabular.get("features") or []:
+        categories = feature.get("categories")
+        if not categories:
+            kinds[str(feature["name"])] = "number"
+        else:
+            kinds[str(feature["name"])] = "text" if isinstance(categories[0], str) else "integer"
+    return kinds
 
 
 def _feature_kind(name: str, column: pa.ChunkedArray) -> Kind:
@@ -190,9 +223,13 @@ def _parse_numbers(column: Any) -> npt.NDArray[np.float64]:
 
 def _numbers(
     name: str, column: pa.ChunkedArray, reasons: dict[int, str], *, nulls: bool
-) -> npt.NDArray[np.float64]:
-    """A column as float64 (NaN for null when ``nulls``; else a null rejects its row)."""
+) -> npt.NDArray[Any]:
+    """A column as numbers: float64 (NaN for null when ``nulls``; else a null rejects its
+    row), or the column's own numeric type when it has no nulls (feature packing converts
+    it into the model's, as it does an online request's)."""
     kind = column.type
+    if column.null_count == 0 and (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+        return column.to_numpy()  # type: ignore[no-any-return]
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
             values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
@@ -356,6 +393,8 @@ def _mark(
     reasons: dict[int, str],
     owner: npt.NDArray[np.intp],
 ) -> None:
+    if not bad.any():
+        return
     for row in np.unique(owner[bad]):
         reasons.setdefault(int(row), f"column {name!r}: a value is not {datatype}")
 
@@ -364,8 +403,9 @@ def _input(name: str, kind: Kind, data: npt.NDArray[Any], plan: ColumnPlan) -> I
     if kind == "input":
         spec = plan.specs[name]
         return InputTensor(name, spec.datatype, data.shape, np.ascontiguousarray(data))
-    datatype = "BYTES" if kind == "text" else "FP64"
-    return InputTensor(name, datatype, data.shape, data)
+    if kind == "text":
+        return InputTensor(name, "BYTES", data.shape, data)
+    return InputTensor(name, _DATATYPES[data.dtype], data.shape, data)
 
 
 def _shown(value: Any) -> str:

@@ -17,6 +17,7 @@ alone; each goes to the reject file with the model's own reason and the rest are
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import sys
@@ -36,20 +37,18 @@ from fastserve.offline.output import (
     ROW_KEY,
     OutputFiles,
     reject_lines,
-    sync_folder,
     write_atomically,
 )
 from fastserve.offline.predictors import JobError, Predictor, Refused
 from fastserve.offline.source import Chunk, Source
 from fastserve.protocol import InputTensor
-from fastserve.tabular import TableFormat
+from fastserve.tabular import TableError, TableFormat
 
 __all__ = ["JobSpec", "Summary", "TooManyRejects", "run_job"]
 
 log = logging.getLogger("fastserve.batch")
 
 MANIFEST: Final = "job.json"
-_LOG_EVERY_S: Final = 10.0
 Progress = Literal["auto", "bar", "log", "off"]
 
 
@@ -75,6 +74,8 @@ class JobSpec:
     overwrite: bool = False
     restart: bool = False
     progress: Progress = "auto"
+    log_every_s: float = 10.0
+    """Seconds between progress lines (when not on a terminal)."""
 
     def identity(self) -> dict[str, Any]:
         """What a resumed job must share with the one that began (the input file as it
@@ -111,6 +112,10 @@ class Summary:
     rejects: Path | None = None
     stopped: str | None = None
     """Why the job stopped early (too many rejects); None when it finished."""
+    fresh_rows: int = 0
+    """Rows read by this run (the rate's numerator; a resumed job read the rest before)."""
+    already_done: bool = False
+    """The job had finished before this run: nothing was done."""
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -118,13 +123,23 @@ class Summary:
         return self.rejected + self.malformed
 
     def render(self) -> str:
-        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        if self.already_done:
+            return (
+                f"already done: {self.rows:,} rows read, {self.predicted:,} predicted, "
+                f"{self.rejected:,} rejected, {self.malformed:,} malformed lines\n"
+                f"output: {self.output}\n" + (f"rejects: {self.rejects}\n" if self.refused else "")
+            )
+        rate = self.fresh_rows / self.seconds if self.seconds > 0 else 0.0
         resumed = self.resumed_chunks
         lines = [
             f"rows: {self.rows:,} read, {self.predicted:,} predicted, {self.rejected:,} "
             f"rejected, {self.malformed:,} malformed lines",
             f"time: {self.seconds:.1f} s, {rate:,.0f} rows/s"
-            + (f" (resumed after {resumed} committed chunks)" if resumed else ""),
+            + (
+                f" (resumed after {resumed} committed chunk{'s' * (resumed > 1)})"
+                if resumed
+                else ""
+            ),
             f"model version: {self.version}",
         ]
         if self.output is not None:
@@ -144,14 +159,25 @@ class _Record:
     predicted: int
     rejected: int
     malformed: int
+    part_bytes: int
+    """The size of the chunk's output part: a part that is not there whole is not committed."""
 
 
 class WorkFolder:
-    """The job's committed chunks: ``job.json``, then per chunk ``chunk-K.out``,
-    ``chunk-K.rej`` and the ``chunk-K.done`` that commits both."""
+    """The job's committed chunks: ``job.json``, then per chunk its output part
+    ``chunk-K.out`` (written to disk, then renamed into place) and ``chunk-K.done``, which
+    commits it: the chunk's counts, the part's size and the chunk's reject lines. A chunk is
+    committed when its ``done`` file reads whole and its part has that size; the first chunk
+    that is not ends the list, so a kill -9 (or a power cut) at any moment leaves either the
+    chunk committed or the chunk to do again."""
 
     def __init__(self, output: Path) -> None:
         self.path = output.with_name(f".{output.name}.batch")
+        self._retired = output.with_name(f".{output.name}.batch-retired")
+        self.finished = output.with_name(f".{output.name}.batch-done")
+        """Left beside a finished job's output: its identity and counts, so that the same
+        command run again (after a kill -9 that came after the last step, say) knows the
+        job is done rather than refusing to overwrite its output."""
 
     def exists(self) -> bool:
         return self.path.is_dir()
@@ -168,43 +194,64 @@ class WorkFolder:
         write_atomically(self.path / MANIFEST, lambda f: f.write(orjson.dumps(manifest)))
 
     def committed(self) -> list[_Record]:
-        """The committed chunks, 0 to the first one missing."""
+        """The committed chunks, 0 to the first one that is not."""
         records: list[_Record] = []
-        while True:
+        while (doc := self._done(len(records))) is not None:
+            doc.pop("rejects", None)
             try:
-                doc = orjson.loads(self._file(len(records), "done").read_bytes())
-            except FileNotFoundError:
+                record = _Record(**doc)
+                if self.part(len(records)).stat().st_size != record.part_bytes:
+                    return records
+            except (TypeError, OSError):
                 return records
-            records.append(_Record(**doc))
+            records.append(record)
+        return records
+
+    def _done(self, index: int) -> dict[str, Any] | None:
+        try:
+            doc = orjson.loads(self._file(index, "done").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def part(self, index: int) -> Path:
         return self._file(index, "out")
 
-    def rejects(self, index: int) -> Path:
-        return self._file(index, "rej")
+    def rejects(self, index: int) -> bytes:
+        """A committed chunk's reject lines."""
+        doc = self._done(index)
+        return str(doc.get("rejects", "")).encode() if doc is not None else b""
 
-    def commit(self, index: int, record: _Record) -> None:
-        doc = orjson.dumps(record.__dict__)
-        write_atomically(self._file(index, "done"), lambda f: f.write(doc))
-        sync_folder(self.path)
+    def commit(self, index: int, record: _Record, rejects: bytes) -> None:
+        """Commit a chunk whose part is written. The part was flushed to disk before its
+        rename, so the ``done`` file needs no flush of its own: if a crash loses it, the
+        chunk is simply done again."""
+        doc = orjson.dumps({**record.__dict__, "rejects": rejects.decode()})
+        write_atomically(self._file(index, "done"), lambda f: f.write(doc), durable=False)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Renamed away first, then deleted: a job killed meanwhile leaves no half a folder
+        that the next run would take for a job to resume."""
+        shutil.rmtree(self._retired, ignore_errors=True)
+        if self.path.exists():
+            self.path.rename(self._retired)
+        shutil.rmtree(self._retired, ignore_errors=True)
 
     def _file(self, index: int, kind: str) -> Path:
         return self.path / f"chunk-{index:06d}.{kind}"
 
 
 class _Progress:
-    """A bar on a terminal (tqdm), else a log line every ``_LOG_EVERY_S`` seconds."""
+    """A bar on a terminal (tqdm), else a log line every ``every_s`` seconds."""
 
-    def __init__(self, mode: Progress, total: int, exact: bool, done: int) -> None:
+    def __init__(self, mode: Progress, total: int, exact: bool, done: int, every_s: float) -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode = mode
         self.total = total
         self.exact = exact
         self.done = done
+        self.every_s = every_s
         self._start = time.perf_counter()
         self._start_done = done
         self._last_log = self._start
@@ -221,7 +268,7 @@ class _Progress:
             self._bar.update(rows)
             return
         now = time.perf_counter()
-        if self.mode == "log" and now - self._last_log >= _LOG_EVERY_S:
+        if self.mode == "log" and now - self._last_log >= self.every_s:
             self._last_log = now
             rate = (self.done - self._start_done) / (now - self._start)
             left = max(self.total - self.done, 0)
@@ -240,6 +287,9 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
     work = WorkFolder(spec.output)
     summary = Summary(version=predictor.version)
     summary.rejects = spec.rejects
+    finished = _finished(spec, work)
+    if finished is not None:
+        return finished
     done = _resume_point(spec, work, predictor)
     summary.resumed_chunks = len(done)
     for record in done:
@@ -249,9 +299,12 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
         summary.malformed += record.malformed
     source = Source(spec.input, spec.input_format, spec.chunk_rows)
     total, exact = source.total_rows()
-    progress = _Progress(spec.progress, total, exact, summary.rows)
+    progress = _Progress(spec.progress, total, exact, summary.rows, spec.log_every_s)
     files: OutputFiles | None = None
     column_plan: ColumnPlan | None = None
+    # A chunk is committed in a thread while the next one is scored: its part's flush to
+    # disk is a wait, not work, and overlaps the model's.
+    committing: asyncio.Future[None] | None = None
     try:
         for chunk in source.chunks():
             if column_plan is None:
@@ -260,20 +313,40 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
             if chunk.index < len(done):
                 continue  # committed by an earlier run (read again only for the plan)
             assert files is not None
-            record = await _score(chunk, column_plan, predictor, files, work, spec)
+            scored = await _score(chunk, column_plan, predictor, spec)
+            if committing is not None:
+                await committing
+            committing = asyncio.ensure_future(asyncio.to_thread(_commit, work, files, scored))
+            record = scored.record
             summary.rows += record.rows
             summary.predicted += record.predicted
             summary.rejected += record.rejected
             summary.malformed += record.malformed
+            summary.fresh_rows += record.rows
             summary.version = predictor.version
             progress.update(record.rows)
             if spec.max_reject is not None and summary.refused > spec.max_reject:
+                await committing
                 summary.stopped = (
                     f"{summary.refused:,} rows rejected, more than --max-reject "
                     f"{spec.max_reject:,}; the committed chunks are kept in {work.path}"
                 )
                 _merge_rejects(work, spec.rejects, _count(work))
+                summary.seconds = time.perf_counter() - summary._started
                 raise TooManyRejects(summary)
+        if committing is not None:
+            await committing
+    except (JobError, TableError) as exc:
+        if committing is not None and not committing.done():
+            await asyncio.wait([committing])  # let a started commit finish (or fail) whole
+        committed = len(work.committed())
+        if not committed:  # nothing to resume: leave no work folder behind
+            work.remove()
+            raise
+        raise JobError(
+            f"{exc}\n{committed} chunks are committed in {work.path}: the same command "
+            "resumes after them"
+        ) from None
     finally:
         progress.close()
     if files is None:
@@ -283,10 +356,37 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
         raise JobError(f"{spec.input}: no rows and no columns")
     files.merge([work.part(k) for k in range(chunks)], spec.output)
     _merge_rejects(work, spec.rejects, chunks)
-    work.remove()
     summary.output = spec.output
     summary.seconds = time.perf_counter() - summary._started
+    marker = {"identity": spec.identity(), "version": summary.version, "rows": summary.rows,
+              "predicted": summary.predicted, "rejected": summary.rejected,
+              "malformed": summary.malformed}  # fmt: skip
+    write_atomically(work.finished, lambda f: f.write(orjson.dumps(marker)))
+    work.remove()
     return summary
+
+
+def _finished(spec: JobSpec, work: WorkFolder) -> Summary | None:
+    """The summary of this very job when it has finished before (its output is there, its
+    marker names the same arguments and input); None otherwise."""
+    if spec.overwrite or spec.restart or work.exists() or not spec.output.exists():
+        return None
+    try:
+        marker = orjson.loads(work.finished.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(marker, dict) or marker.get("identity") != spec.identity():
+        return None
+    return Summary(
+        rows=int(marker.get("rows", 0)),
+        predicted=int(marker.get("predicted", 0)),
+        rejected=int(marker.get("rejected", 0)),
+        malformed=int(marker.get("malformed", 0)),
+        version=str(marker.get("version", "")),
+        output=spec.output,
+        rejects=spec.rejects,
+        already_done=True,
+    )
 
 
 def _count(work: WorkFolder) -> int:
@@ -295,26 +395,25 @@ def _count(work: WorkFolder) -> int:
 
 def _merge_rejects(work: WorkFolder, dest: Path, chunks: int) -> None:
     """The reject parts as one JSON Lines file (none when nothing was rejected)."""
-    parts = [work.rejects(k) for k in range(chunks)]
-    if not any(p.stat().st_size for p in parts):
+    if not any(r.rejected or r.malformed for r in work.committed()[:chunks]):
         dest.unlink(missing_ok=True)
         return
 
     def write(f: Any) -> None:
-        for part in parts:
-            with part.open("rb") as src:
-                shutil.copyfileobj(src, f)
+        for k in range(chunks):
+            f.write(work.rejects(k))
 
     write_atomically(dest, write)
 
 
 def _resume_point(spec: JobSpec, work: WorkFolder, predictor: Predictor) -> list[_Record]:
     identity = spec.identity()
-    if work.exists() and spec.restart:
-        work.remove()
+    if spec.restart or not work.exists():
+        work.remove()  # (and what a job killed while removing it left)
     if not work.exists():
         if spec.output.exists() and not spec.overwrite:
             raise JobError(f"{spec.output} exists (--overwrite replaces it)")
+        work.finished.unlink(missing_ok=True)  # an earlier job's, now being replaced
         work.begin({"fastserve": __version__, "identity": identity,
                     "version": predictor.version})  # fmt: skip
         return []
@@ -342,7 +441,7 @@ def _resume_point(spec: JobSpec, work: WorkFolder, predictor: Predictor) -> list
 def _plan(chunk: Chunk, predictor: Predictor, spec: JobSpec) -> ColumnPlan:
     try:
         column_plan = plan(chunk.table, predictor.inputs, key=spec.key, drop=list(spec.drop),
-                           pack=spec.pack)  # fmt: skip
+                           pack=spec.pack, known=predictor.feature_kinds)  # fmt: skip
     except PlanError as exc:
         raise JobError(f"{spec.input}: {exc}") from None
     sent = ", ".join(f"{name} ({kind})" for name, kind in column_plan.inputs[:6])
@@ -362,11 +461,9 @@ async def _score(
     chunk: Chunk,
     column_plan: ColumnPlan,
     predictor: Predictor,
-    files: OutputFiles,
-    work: WorkFolder,
     spec: JobSpec,
-) -> _Record:
-    """Predict one chunk and commit it."""
+) -> _Scored:
+    """Predict one chunk (nothing is written yet)."""
     table = chunk.table
     try:
         converted = convert(table, column_plan)
@@ -385,16 +482,33 @@ async def _score(
             f"every row of the first chunk was refused, all for the same reason: "
             f"{next(iter(reasons.values()))}"
         )
-    kept = [out[keep] for out in outputs]
+    kept = outputs if keep.all() else [out[keep] for out in outputs]
     keys = _keys(table, scored, chunk.first_row, spec.key)
-    files.write_part(files.table(keys, kept), work.part(chunk.index))
     rows = sorted(reasons)
     lines = reject_lines(table, rows, [reasons[r] for r in rows], chunk.first_row, spec.key,
                          chunk.malformed)  # fmt: skip
-    write_atomically(work.rejects(chunk.index), lambda f: f.write(lines))
-    record = _Record(table.num_rows, len(scored), len(rows), len(chunk.malformed))
-    work.commit(chunk.index, record)
-    return record
+    record = _Record(table.num_rows, len(scored), len(rows), len(chunk.malformed), 0)
+    return _Scored(chunk.index, keys, kept, lines, record)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A chunk's answers, to commit."""
+
+    index: int
+    keys: Any
+    outputs: list[npt.NDArray[Any]]
+    rejects: bytes
+    record: _Record
+    """Its counts (``part_bytes`` is known once the part is written)."""
+
+
+def _commit(work: WorkFolder, files: OutputFiles, scored: _Scored) -> None:
+    """Write the chunk's part to disk, then commit it (in a worker thread)."""
+    part = work.part(scored.index)
+    files.write_part(files.table(scored.keys, scored.outputs), part)
+    record = dataclasses.replace(scored.record, part_bytes=part.stat().st_size)
+    work.commit(scored.index, record, scored.rejects)
 
 
 def _keys(table: pa.Table, rows: npt.NDArray[np.intp], first_row: int, key: str | None) -> Any:

@@ -72,9 +72,9 @@ class OutputFiles:
 
             pacsv.write_csv(table, f)
         elif self.format == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.write_table(table, f)
+            # parts are Arrow IPC (no encoding, no compression); the merge writes Parquet once
+            with pa.ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
         else:
             dumps = orjson.dumps
             f.write(b"".join(dumps(row) + b"\n" for row in table.to_pylist()))
@@ -89,7 +89,8 @@ class OutputFiles:
 
             writer = None
             for part in parts:
-                table = pq.read_table(part)
+                with pa.memory_map(str(part)) as source:
+                    table = pa.ipc.open_file(source).read_all()
                 if writer is None:
                     writer = pq.ParquetWriter(f, table.schema)
                 elif table.schema != writer.schema:
@@ -139,24 +140,17 @@ def reject_lines(
     return b"".join(line + b"\n" for line in lines)
 
 
-def write_atomically(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Any, *, durable: bool = True) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file beside it, flush it to
-    disk, and rename it into place: a reader (or a resumed job) sees all of it or none."""
+    disk (``durable``), and rename it into place: a reader (or a resumed job) sees all of
+    it or none."""
     staging = path.with_name(f".{path.name}.tmp")
     with staging.open("wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(staging, path)
-
-
-def sync_folder(path: Path) -> None:
-    """Make the renames in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _width(spec: TensorSpec) -> int:

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import orjson
 
 from fastserve.errors import FastServeError, InvalidRequest, SchemaViolation
+from fastserve.offline.columns import Kind, feature_kinds
 from fastserve.protocol import InferenceRequest, InputTensor, TensorSpec
 
 __all__ = ["JobError", "LocalModel", "Predictor", "Refused", "RemoteModel", "Wire"]
@@ -53,6 +54,8 @@ class Predictor(Protocol):
     """Requests to keep in flight at once."""
     where: str
     """Where it runs, for the log: the repository or the URL."""
+    feature_kinds: dict[str, Kind]
+    """The kinds of the features the model is known to take by name (none over HTTP)."""
 
     async def predict(self, inputs: list[InputTensor]) -> list[npt.NDArray[Any]]:
         """The outputs (in ``outputs`` order) for ``inputs``; ``Refused`` or ``JobError``."""
@@ -143,9 +146,20 @@ class LocalModel:
     def request_rows(self) -> int:
         return max(self.batch_rows, 1)
 
+    in_flight = 1
+    """One request at a time, each its own batch: which rows share a model call is then a
+    function of the file alone, so a resumed job (or a second run) gets the very same bits
+    even from a model whose kernels differ by batch size (onnxruntime's linear classifier
+    computes a batch of one row by another path than a batch of two)."""
+
     @property
-    def in_flight(self) -> int:
-        return min(self._model.config.batching.max_queue_size, 4)  # type: ignore[no-any-return]
+    def feature_kinds(self) -> dict[str, Kind]:
+        model = self._model
+        kinds = feature_kinds(model.config.model_dump(mode="json"))
+        if model.schema is not None:
+            for name in model.schema.compiled.feature_names:
+                kinds.setdefault(name, "number")
+        return kinds
 
     async def predict(self, inputs: list[InputTensor]) -> list[npt.NDArray[Any]]:
         from fastserve.inference import prepare
@@ -155,8 +169,14 @@ class LocalModel:
             prepared = await prepare(
                 model, InferenceRequest(inputs), self._metrics, time.perf_counter_ns()
             )
+            # a full request is released by its size; a smaller one (a chunk's last, or a
+            # piece of a refused one) would wait out the queue delay for rows that never come
+            rows = int(prepared.arrays[0].shape[0])
             completion = await model.batcher.infer(
-                prepared.arrays, priority=prepared.priority, timeout_us=prepared.timeout_us
+                prepared.arrays,
+                priority=prepared.priority,
+                timeout_us=prepared.timeout_us,
+                last=rows < self.request_rows,
             )
         except SchemaViolation as exc:
             raise Refused(schema_reason(str(exc), exc.failures)) from None
@@ -204,6 +224,7 @@ class RemoteModel:
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.request_rows = request_rows or 0
+        self.feature_kinds: dict[str, Kind] = {}
 
     async def __aenter__(self) -> RemoteModel:
         import aiohttp
@@ -218,8 +239,7 @@ class RemoteModel:
             self.outputs = tuple(_spec(s) for s in meta.get("outputs", []))
             if not self.inputs or not self.outputs:
                 raise JobError(f"{self.url}: model '{self.name}' metadata names no inputs/outputs")
-            if not self.request_rows:
-                self.request_rows = await self._max_batch_size()
+            await self._read_config()
         except BaseException:
             await self._session.close()
             raise
@@ -246,14 +266,20 @@ class RemoteModel:
             raise JobError(f"{self.url}{path}: the answer is not a JSON object")
         return doc
 
-    async def _max_batch_size(self) -> int:
-        """The server's max batch size for the model (its config), else 64."""
+    async def _read_config(self) -> None:
+        """From the model's config (if the server has the endpoint): the max batch size
+        (rows a request; else 64) and a fastserve pipeline's feature kinds."""
         try:
             config = await self._get_json(self._model_path() + "/config")
         except JobError:
-            return 64
-        size = config.get("max_batch_size")
-        return size if isinstance(size, int) and size > 0 else 64
+            config = {}
+        if not self.request_rows:
+            size = config.get("max_batch_size")
+            self.request_rows = size if isinstance(size, int) and size > 0 else 64
+        try:
+            self.feature_kinds = feature_kinds(config)
+        except (AttributeError, KeyError, TypeError):
+            self.feature_kinds = {}  # not a fastserve config: the values tell
 
     async def _call(
         self, method: str, path: str, body: bytes | None = None, headers: Any = None
