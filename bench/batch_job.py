@@ -117,8 +117,10 @@ async def main() -> None:
                 ours.append(await job(model, data, folder / "j.parquet", args.chunk_rows,
                                       args.format))  # fmt: skip
         a, b = statistics.median(plain), statistics.median(ours)
-        print(f"{args.rows:,} rows of {args.format}, chunks of {args.chunk_rows:,}, "
-              f"model calls of {args.batch_size:,} rows; median of {args.rounds} rounds")  # fmt: skip
+        print(
+            f"{args.rows:,} rows of {args.format}, chunks of {args.chunk_rows:,}, "
+            f"model calls of {args.batch_size:,} rows; median of {args.rounds} rounds"
+        )
         print(f"  session.run loop (ceiling): {args.rows / a:12,.0f} rows/s  ({a:.2f} s)")
         print(f"  fastserve batch           : {args.rows / b:12,.0f} rows/s  ({b:.2f} s)")
         print(f"  ratio: {a / b:.2f}x the ceiling (target >= 0.8)")
