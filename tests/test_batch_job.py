@@ -383,3 +383,23 @@ def test_a_tabular_pipeline_gets_its_categories_locally_and_over_http(
     assert (tmp_path / "remote.rejects.jsonl").read_bytes() == (
         tmp_path / "local.rejects.jsonl"
     ).read_bytes().replace(b"local", b"remote")
+
+
+def test_a_job_over_http_pins_the_version_that_answered_and_resumes_with_it(
+    capsys: pytest.CaptureFixture[str], repo: Path, tmp_path: Path, server_process: ServerProcess
+) -> None:
+    data = tmp_path / "rows.csv"
+    bad_csv(data)
+    url = f"http://{server_process.url}"
+    target = tmp_path / "remote.csv"
+    args = ["--log-level", "WARNING", "batch", "--url", url, "--model", "breast_cancer",
+            str(data), str(target), "--drop", "label", "--key", "id",
+            "--chunk-rows", "4"]  # fmt: skip
+    assert main([*args, "--max-reject", "1"]) == 3
+    manifest = json.loads((tmp_path / ".remote.csv.batch" / "job.json").read_text())
+    assert manifest["version"] == "1"
+    assert main([*args, "--max-reject", "10"]) == 1
+    local = tmp_path / "local.csv"
+    assert batch(capsys, repo, "--model", "breast_cancer", str(data), str(local), "--drop",
+                 "label", "--key", "id")[0] == 1  # fmt: skip
+    assert target.read_bytes() == local.read_bytes()

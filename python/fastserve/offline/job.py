@@ -193,6 +193,12 @@ class WorkFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path / MANIFEST, lambda f: f.write(orjson.dumps(manifest)))
 
+    def pin_version(self, version: str) -> None:
+        """Record the version a job over HTTP found (its first answer's) for resumption."""
+        manifest = self.manifest()
+        if manifest is not None and not manifest.get("version"):
+            self.begin({**manifest, "version": version})
+
     def committed(self) -> list[_Record]:
         """The committed chunks, 0 to the first one that is not."""
         records: list[_Record] = []
@@ -314,6 +320,8 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
                 continue  # committed by an earlier run (read again only for the plan)
             assert files is not None
             scored = await _score(chunk, column_plan, predictor, spec)
+            if not summary.version and predictor.version:
+                work.pin_version(predictor.version)  # before anything it answered is committed
             if committing is not None:
                 await committing
             committing = asyncio.ensure_future(asyncio.to_thread(_commit, work, files, scored))

@@ -225,6 +225,7 @@ class RemoteModel:
         self.outputs: tuple[TensorSpec, ...] = ()
         self.request_rows = request_rows or 0
         self.feature_kinds: dict[str, Kind] = {}
+        self._pinning = asyncio.Lock()
 
     async def __aenter__(self) -> RemoteModel:
         import aiohttp
@@ -295,6 +296,14 @@ class RemoteModel:
             raise JobError(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
 
     async def predict(self, inputs: list[InputTensor]) -> list[npt.NDArray[Any]]:
+        if not self.version:
+            async with self._pinning:  # the first answer names the version all others ask for
+                unpinned = not self.version  # (another request may have pinned it meanwhile)
+                if unpinned:
+                    return await self._predict(inputs)
+        return await self._predict(inputs)
+
+    async def _predict(self, inputs: list[InputTensor]) -> list[npt.NDArray[Any]]:
         body, headers = self._encode(inputs)
         for attempt in range(_RETRIES):
             answer = await self._call("POST", self._model_path() + "/infer", body, headers)
