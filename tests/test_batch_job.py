@@ -403,3 +403,39 @@ def test_a_job_over_http_pins_the_version_that_answered_and_resumes_with_it(
     assert batch(capsys, repo, "--model", "breast_cancer", str(data), str(local), "--drop",
                  "label", "--key", "id")[0] == 1  # fmt: skip
     assert target.read_bytes() == local.read_bytes()
+
+
+# VmHWM, this process's own peak: getrusage's ru_maxrss would start from the parent's size
+# (Linux carries it across exec)
+PEAK_MEMORY = """
+import sys
+from fastserve.cli import main
+code = main(sys.argv[2:])
+status = open("/proc/self/status").read().splitlines()
+peak_kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+open(sys.argv[1], "w").write(peak_kib)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_whatever_the_input_size(repo: Path, tmp_path: Path) -> None:
+    import pyarrow.csv as pacsv
+
+    split = load_split("breast_cancer")
+    peaks = {}
+    for rows in (200_000, 1_000_000):
+        x = np.resize(split.x_test, (rows, len(FEATURES)))
+        data = tmp_path / f"rows-{rows}.csv"
+        pacsv.write_csv(pa.table({n: x[:, j] for j, n in enumerate(FEATURES)}), data)
+        peak = tmp_path / f"peak-{rows}"
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK_MEMORY, str(peak), "--log-level", "WARNING", "batch",
+             "--repo", str(repo), "--model", "breast_cancer", str(data),
+             str(tmp_path / f"out-{rows}.csv")],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        peaks[rows] = int(peak.read_text()) / 1024  # MiB
+    # five times the rows (~170 MB of CSV more), about the same peak: chunks, not the file
+    assert peaks[1_000_000] < peaks[200_000] + 64, peaks

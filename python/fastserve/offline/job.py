@@ -530,23 +530,9 @@ async def _predict_all(
 ) -> tuple[list[npt.NDArray[Any]], dict[int, str]]:
     """The outputs of ``rows`` rows (refused rows: zeros) and, by row, why any was refused."""
     step = predictor.request_rows
-    gate = asyncio.Semaphore(predictor.in_flight)
-    refused: dict[int, str] = {}
-    pieces: dict[int, list[npt.NDArray[Any]]] = {}
-
-    async def attempt(lo: int, hi: int) -> None:
-        inputs = [_rows(t, lo, hi) for t in tensors]
-        try:
-            async with gate:
-                pieces[lo] = await predictor.predict(inputs)
-        except Refused as exc:
-            if hi - lo == 1:
-                refused[lo] = str(exc)
-                return
-            mid = (lo + hi) // 2
-            await asyncio.gather(attempt(lo, mid), attempt(mid, hi))
-
-    await asyncio.gather(*(attempt(lo, min(lo + step, rows)) for lo in range(0, rows, step)))
+    calls = _Calls(predictor, tensors, asyncio.Semaphore(predictor.in_flight))
+    await asyncio.gather(*(calls.attempt(lo, min(lo + step, rows)) for lo in range(0, rows, step)))
+    pieces = calls.pieces
     outputs = []
     for k, spec in enumerate(predictor.outputs):
         parts = [pieces[lo][k] for lo in sorted(pieces)]
@@ -559,7 +545,35 @@ async def _predict_all(
             piece = pieces[lo][k]
             out[lo : lo + len(piece)] = piece
         outputs.append(out)
-    return outputs, refused
+    return outputs, calls.refused
+
+
+class _Calls:
+    """A chunk's requests: each that the model refuses is split in halves until the rows at
+    fault are alone. (A class, not a recursive closure: a closure that calls itself is a
+    reference cycle, which would keep every chunk's arrays alive until the cycle collector
+    came by: memory that grew with the file.)"""
+
+    def __init__(
+        self, predictor: Predictor, tensors: list[InputTensor], gate: asyncio.Semaphore
+    ) -> None:
+        self.predictor = predictor
+        self.tensors = tensors
+        self.gate = gate
+        self.pieces: dict[int, list[npt.NDArray[Any]]] = {}
+        self.refused: dict[int, str] = {}
+
+    async def attempt(self, lo: int, hi: int) -> None:
+        inputs = [_rows(t, lo, hi) for t in self.tensors]
+        try:
+            async with self.gate:
+                self.pieces[lo] = await self.predictor.predict(inputs)
+        except Refused as exc:
+            if hi - lo == 1:
+                self.refused[lo] = str(exc)
+                return
+            mid = (lo + hi) // 2
+            await asyncio.gather(self.attempt(lo, mid), self.attempt(mid, hi))
 
 
 def _rows(tensor: InputTensor, lo: int, hi: int) -> InputTensor:

@@ -27,7 +27,7 @@ from fastserve.tabular import TableError, TableFormat
 
 __all__ = ["Chunk", "Malformed", "Source"]
 
-_CSV_BLOCK_BYTES: Final = 4 << 20
+_CSV_BLOCK_BYTES: Final = 1 << 20
 _TEXT_SHOWN: Final = 200
 _COUNT_BLOCK: Final = 8 << 20
 
@@ -162,7 +162,7 @@ class Source:
             raise TableError(f"{self.path}: cannot read as csv: {_first_line(exc)}") from None
         reader = pacsv.open_csv(
             self.path,
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
             parse_options=pacsv.ParseOptions(invalid_row_handler=skip),
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in names},
