@@ -116,6 +116,14 @@ async def main() -> None:
                 plain.append(ceiling(session, data, folder / "c.parquet", args.chunk_rows))
                 ours.append(await job(model, data, folder / "j.parquet", args.chunk_rows,
                                       args.format))  # fmt: skip
+        ceiling_out = pq.read_table(folder / "c.parquet")
+        job_out = pq.read_table(folder / "j.parquet")
+        # (a CSV key stays text in the job's output: compare it as text)
+        same = all(
+            ceiling_out.column(n).equals(job_out.column(n)) for n in ("label", "probabilities")
+        ) and ceiling_out.column("id").cast(pa.string()).equals(
+            job_out.column("id").cast(pa.string())
+        )
         a, b = statistics.median(plain), statistics.median(ours)
         print(
             f"{args.rows:,} rows of {args.format}, chunks of {args.chunk_rows:,}, "
@@ -124,6 +132,7 @@ async def main() -> None:
         print(f"  session.run loop (ceiling): {args.rows / a:12,.0f} rows/s  ({a:.2f} s)")
         print(f"  fastserve batch           : {args.rows / b:12,.0f} rows/s  ({b:.2f} s)")
         print(f"  ratio: {a / b:.2f}x the ceiling (target >= 0.8)")
+        print(f"  same answers: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
