@@ -108,14 +108,19 @@ async def main() -> None:
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(repo / MODEL / "1" / "model.onnx"), options,
                                        providers=["CPUExecutionProvider"])  # fmt: skip
-        plain, ours = [], []
+        plain, ours, paired, cpu = [], [], [], []
         async with LocalModel(repo, MODEL, "1", args.batch_size) as model:
             ceiling(session, data, folder / "warm.parquet", args.chunk_rows)  # warm-up
             await job(model, data, folder / "warm-job.parquet", args.chunk_rows, args.format)
             for _ in range(args.rounds):
+                cpu_start = time.process_time()
                 plain.append(ceiling(session, data, folder / "c.parquet", args.chunk_rows))
+                cpu_mid = time.process_time()
                 ours.append(await job(model, data, folder / "j.parquet", args.chunk_rows,
                                       args.format))  # fmt: skip
+                cpu_end = time.process_time()
+                paired.append(plain[-1] / ours[-1])
+                cpu.append((cpu_mid - cpu_start) / (cpu_end - cpu_mid))
         ceiling_out = pq.read_table(folder / "c.parquet")
         job_out = pq.read_table(folder / "j.parquet")
         # (a CSV key stays text in the job's output: compare it as text)
@@ -132,6 +137,12 @@ async def main() -> None:
         print(f"  session.run loop (ceiling): {args.rows / a:12,.0f} rows/s  ({a:.2f} s)")
         print(f"  fastserve batch           : {args.rows / b:12,.0f} rows/s  ({b:.2f} s)")
         print(f"  ratio: {a / b:.2f}x the ceiling (target >= 0.8)")
+        shown = ", ".join(f"{r:.2f}" for r in paired)
+        print(f"  paired rounds: {shown}; median {statistics.median(paired):.2f}x")
+        print(
+            f"  CPU time: {statistics.median(cpu):.2f}x the ceiling's (median of the rounds;"
+            " the job's includes its model load's warm state, not the load)"
+        )
         print(f"  same answers: {'yes' if same else 'NO'}")
 
 

@@ -402,7 +402,12 @@ def test_a_job_over_http_pins_the_version_that_answered_and_resumes_with_it(
     local = tmp_path / "local.csv"
     assert batch(capsys, repo, "--model", "breast_cancer", str(data), str(local), "--drop",
                  "label", "--key", "id")[0] == 1  # fmt: skip
-    assert target.read_bytes() == local.read_bytes()
+    remote_rows, local_rows = read_output(target), read_output(local)
+    assert remote_rows["id"].tolist() == local_rows["id"].tolist()
+    assert remote_rows["label"].tolist() == local_rows["label"].tolist()
+    # the server batches these requests as it likes: a row it runs alone may differ in the
+    # last bit with this model (see README); here the rows split out of a refused request
+    assert np.allclose(probabilities(remote_rows), probabilities(local_rows), rtol=0, atol=1e-6)
 
 
 # VmHWM, this process's own peak: getrusage's ru_maxrss would start from the parent's size

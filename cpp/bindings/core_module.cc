@@ -22,6 +22,7 @@
 
 #include "fastserve/batch_policy.h"
 #include "fastserve/batcher.h"
+#include "fastserve/bounds.h"
 #include "fastserve/cuda_info.h"
 #include "fastserve/drift.h"
 #include "fastserve/preprocess.h"
@@ -604,6 +605,49 @@ class PyCudaImagePipeline {
   std::string dtype_;
 };
 
+// A float array of `size`-byte elements in the machine's byte order (numpy may describe the
+// same type by several dtype objects: '<f4' and float32, say).
+bool IsNativeFloat(const py::array& a, py::ssize_t size) {
+  const py::dtype dtype = a.dtype();
+  return dtype.kind() == 'f' && dtype.itemsize() == size && dtype.attr("isnative").cast<bool>();
+}
+
+// WithinBounds on a C-contiguous [rows, width] float32 or float64 batch, with bound rows of
+// its dtype; the GIL is released for a large batch.
+template <typename T>
+bool BatchWithinBounds(const py::array& batch, const py::array& lower, const py::array& upper) {
+  const auto width = static_cast<int64_t>(batch.shape(1));
+  const auto size = static_cast<py::ssize_t>(sizeof(T));
+  if (lower.ndim() != 1 || upper.ndim() != 1 || lower.shape(0) != width ||
+      upper.shape(0) != width || !IsNativeFloat(lower, size) || !IsNativeFloat(upper, size)) {
+    throw py::value_error(
+        "within_bounds: lower and upper need one value per column, in the batch's dtype");
+  }
+  const auto rows = static_cast<int64_t>(batch.shape(0));
+  const auto* data = static_cast<const T*>(batch.data());
+  const auto* lo = static_cast<const T*>(lower.data());
+  const auto* hi = static_cast<const T*>(upper.data());
+  if (static_cast<size_t>(batch.nbytes()) >= kReleaseGilCopyBytes) {
+    py::gil_scoped_release nogil;
+    return WithinBounds(data, rows, width, lo, hi);
+  }
+  return WithinBounds(data, rows, width, lo, hi);
+}
+
+bool PyWithinBounds(const py::array& batch, const py::array& lower, const py::array& upper) {
+  if (batch.ndim() != 2 || !(batch.flags() & py::array::c_style) ||
+      !(lower.flags() & py::array::c_style) || !(upper.flags() & py::array::c_style)) {
+    throw py::value_error("within_bounds: a C-contiguous 2-D batch and 1-D bounds");
+  }
+  if (IsNativeFloat(batch, 4)) {
+    return BatchWithinBounds<float>(batch, lower, upper);
+  }
+  if (IsNativeFloat(batch, 8)) {
+    return BatchWithinBounds<double>(batch, lower, upper);
+  }
+  throw py::value_error("within_bounds: the batch must be float32 or float64, native order");
+}
+
 // A checked TabularSpec and its output width, built once per model version.
 class PyTabularKernel {
  public:
@@ -894,6 +938,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("total_rows", &DriftSketch::total_rows)
       .def_property_readonly("window_rows", &DriftSketch::window_rows)
       .def_property_readonly("num_features", &DriftSketch::num_features);
+
+  m.def("within_bounds", &PyWithinBounds, py::arg("batch"), py::arg("lower"), py::arg("upper"),
+        "True when every value of the C-contiguous [rows, width] float32/float64 batch is "
+        "within [lower[c], upper[c]] of its column (NaN never is), in one pass.");
 
   py::class_<PyTabularKernel>(m, "TabularKernel")
       .def(py::init<const std::vector<std::string>&, const std::vector<double>&,

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fastserve import _core
 from fastserve.protocol import ModelSignature
 
 Mask = Callable[[npt.NDArray[Any]], npt.NDArray[np.bool_]]
@@ -142,6 +143,9 @@ def feature_input(signature: ModelSignature, width: int) -> int:
 
 Bound = tuple[str, float]
 """One comparison every present value must pass: (operator name, value)."""
+
+_NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+"""Batches the core's one-pass bounds check takes."""
 
 _OPERATORS: dict[str, Callable[[Any, Any], npt.NDArray[np.bool_]]] = {
     "gt": np.greater,
@@ -258,6 +262,7 @@ class CompiledSchema:
             if not check.bounds
         )
         self._bounds_by_dtype: dict[np.dtype[Any], list[tuple[Any, Any, Any]]] = {}
+        self._native_by_dtype: dict[np.dtype[Any], tuple[Any, Any, list[Any]]] = {}
         self._nullable = np.ones(self._width, dtype=bool)
         for feature in self._features:
             self._nullable[feature.column] = feature.nullable
@@ -305,10 +310,36 @@ class CompiledSchema:
         self._bounds_by_dtype[dtype] = found
         return found
 
+    def _native_bounds(self, dtype: np.dtype[Any]) -> tuple[Any, Any, list[Any]]:
+        """``_bound_checks`` for the core's one-pass check: the lower and upper row (-inf
+        and +inf where there is none: a NaN then fails even a nullable column, which only
+        sends that batch to the feature-by-feature check), and the eq/ne checks left."""
+        found = self._native_by_dtype.get(dtype)
+        if found is None:
+            lower = np.full(self._width, -np.inf, dtype)
+            upper = np.full(self._width, np.inf, dtype)
+            rest = []
+            for op, columns, values in self._bound_checks(dtype):
+                if columns is not None:
+                    rest.append((op, columns, values))
+                elif op is _OPERATORS["ge"]:
+                    lower = values
+                else:
+                    upper = values
+            found = self._native_by_dtype[dtype] = (lower, upper, rest)
+        return found
+
     def _passes(self, batch: npt.NDArray[Any]) -> bool:
         """True when no check fails anywhere in the float ``batch``; False may also mean a
         NaN is in it (the feature-by-feature check then says what, if anything, failed)."""
-        for op, columns, values in self._bound_checks(batch.dtype):
+        if batch.dtype in _NATIVE_DTYPES and batch.dtype.isnative and batch.flags.c_contiguous:
+            lower, upper, rest = self._native_bounds(batch.dtype)
+            if not _core.within_bounds(batch, lower, upper):
+                return False
+            checks = rest
+        else:
+            checks = self._bound_checks(batch.dtype)
+        for op, columns, values in checks:
             part = batch if columns is None else batch[:, columns]
             if not op(part, values).all():
                 return False

@@ -9,9 +9,13 @@ How columns become inputs (``plan``), the same with ``--repo`` and ``--url``:
 - any other column is a feature, sent by name as a ``[rows]`` input, as an online client
   sends features (the model's schema or tabular pipeline packs them).
 
+A feature is sent as numbers, as text (BYTES), or as integers, as the model says where it
+can (its value schema's features are numbers; its tabular pipeline's categories are text or
+integers); otherwise a text column is numbers when most of its first chunk's values are.
+
 The key column and ``--drop`` columns are not sent. A value that cannot be an input's
-element rejects its row alone, with the reason; so do null values, except in a feature
-(NaN for numbers, empty text for categories: the model's schema and pipeline decide).
+element rejects its row alone, with the reason; so does a null, except in a feature of
+numbers (NaN) or of text (empty): there the model's schema and pipeline decide, as online.
 """
 
 from __future__ import annotations

@@ -479,7 +479,7 @@ async def _score(
         raise JobError(f"{spec.input}, rows from {chunk.first_row}: {exc}") from None
     reasons = dict(converted.rejected)
     good = converted.good
-    outputs, refused = await _predict_all(predictor, converted.tensors, len(good))
+    outputs, refused = await _predict_all(predictor, predictor.pack(converted.tensors), len(good))
     for position, reason in refused.items():
         reasons[int(good[position])] = reason
     keep = np.ones(len(good), bool)

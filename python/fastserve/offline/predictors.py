@@ -61,6 +61,10 @@ class Predictor(Protocol):
         """The outputs (in ``outputs`` order) for ``inputs``; ``Refused`` or ``JobError``."""
         ...
 
+    def pack(self, inputs: list[InputTensor]) -> list[InputTensor]:
+        """A whole chunk's inputs as the requests will carry them."""
+        ...
+
 
 def schema_reason(message: str, failures: list[dict[str, Any]] | None) -> str:
     """A refusal as a reject reason: the message, and each failed check's first value."""
@@ -161,6 +165,21 @@ class LocalModel:
                 kinds.setdefault(name, "number")
         return kinds
 
+    def pack(self, inputs: list[InputTensor]) -> list[InputTensor]:
+        """Features sent by name, packed into the model's tensor once for the whole chunk
+        by the function an online request's go through (``pack_features``, row by row the
+        same), rather than once a request. A chunk it refuses goes by name, request by
+        request, so that the refusal is narrowed down to its rows."""
+        from fastserve.validation import pack_features
+
+        model = self._model
+        if model.schema is None or model.tabular is not None:
+            return inputs
+        try:
+            return pack_features(InferenceRequest(inputs), model.schema, model.accepts).inputs
+        except InvalidRequest:
+            return inputs
+
     async def predict(self, inputs: list[InputTensor]) -> list[npt.NDArray[Any]]:
         from fastserve.inference import prepare
 
@@ -248,6 +267,9 @@ class RemoteModel:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
+
+    def pack(self, inputs: list[InputTensor]) -> list[InputTensor]:
+        return inputs  # the server packs features sent by name
 
     def _model_path(self) -> str:
         path = f"/v2/models/{self.name}"
