@@ -444,3 +444,48 @@ def test_memory_stays_bounded_whatever_the_input_size(repo: Path, tmp_path: Path
         peaks[rows] = int(peak.read_text()) / 1024  # MiB
     # five times the rows (~170 MB of CSV more), about the same peak: chunks, not the file
     assert peaks[1_000_000] < peaks[200_000] + 64, peaks
+
+
+def test_jsonl_lines_that_are_not_rows_are_reported_with_their_line_numbers(
+    capsys: pytest.CaptureFixture[str], repo: Path, tmp_path: Path
+) -> None:
+    frame = cancer_frame().drop(columns=["label"]).head(5)
+    lines = [orjson.dumps(r) for r in frame.to_dict("records")]
+    lines.insert(2, b"{not json")
+    lines.insert(4, b"[1, 2, 3]")
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    code, out, _ = batch(capsys, repo, "--model", "breast_cancer", str(data),
+                         str(tmp_path / "o.jsonl"), "--key", "id")  # fmt: skip
+    assert code == 1
+    assert "5 read, 5 predicted, 0 rejected, 2 malformed lines" in out
+    rejects = [orjson.loads(x) for x in (tmp_path / "o.rejects.jsonl").read_bytes().splitlines()]
+    assert [(r["line"], r["text"]) for r in rejects] == [(3, "{not json"), (5, "[1, 2, 3]")]
+    assert (
+        rejects[0]["reason"].startswith("not JSON") and rejects[1]["reason"] == "not a JSON object"
+    )
+    assert read_output(tmp_path / "o.jsonl")["id"].tolist() == frame["id"].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_chunk_k_holds_rows_k_times_n_on_whatever_the_readers_blocks(
+    tmp_path: Path, fmt: str
+) -> None:
+    from fastserve.offline.source import Source
+
+    frame = pd.DataFrame({"a": np.arange(1000), "b": np.arange(1000) * 0.5})
+    data = tmp_path / f"rows.{fmt}"
+    {"csv": lambda: frame.to_csv(data, index=False),
+     "parquet": lambda: frame.to_parquet(data, row_group_size=77),
+     "jsonl": lambda: frame.to_json(data, orient="records", lines=True)}[fmt]()  # fmt: skip
+    source = Source(data, fmt, 128)  # type: ignore[arg-type]
+    chunks = list(source.chunks())
+    assert [c.index for c in chunks] == list(range(8))
+    assert [c.first_row for c in chunks] == [k * 128 for k in range(8)]
+    assert [c.table.num_rows for c in chunks] == [128] * 7 + [1000 - 7 * 128]
+    values = np.concatenate([np.asarray(c.table.column("a").to_pylist(), float) for c in chunks])
+    assert np.array_equal(values, np.arange(1000))
+    resumed = list(source.chunks(start=5))  # a resumed job: the same chunks from 5 on
+    assert [c.first_row for c in resumed] == [640, 768, 896]
+    assert resumed[0].table.equals(chunks[5].table)
+    assert source.total_rows() == (1000, fmt == "parquet")
