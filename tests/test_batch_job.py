@@ -489,3 +489,21 @@ def test_chunk_k_holds_rows_k_times_n_on_whatever_the_readers_blocks(
     assert [c.first_row for c in resumed] == [640, 768, 896]
     assert resumed[0].table.equals(chunks[5].table)
     assert source.total_rows() == (1000, fmt == "parquet")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--batch-size", "100000", "is above 65536 rows"),
+        ("--batch-size", "0", "is not a positive number"),
+        ("--chunk-rows", "-5", "is not a positive number"),
+        ("--max-reject", "-1", "is negative"),
+    ],
+)
+def test_bad_options_are_refused_by_name(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["batch", "--model", "breast_cancer", "in.csv", "out.csv", option, value])
+    assert stop.value.code == 2
+    assert f"argument {option}: {value} {message}" in capsys.readouterr().err

@@ -20,12 +20,28 @@ __all__ = ["add_batch_command"]
 EXIT_REJECTED = 1
 EXIT_ERROR = 2
 EXIT_TOO_MANY = 3
+MAX_BATCH_ROWS = 65536
+"""The most rows a model call may take (the core's limit on a batch)."""
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_BATCH_ROWS:
+        raise argparse.ArgumentTypeError(f"{value} is above {MAX_BATCH_ROWS} rows")
     return value
 
 
@@ -160,9 +176,9 @@ def add_batch_command(commands: Any) -> None:
     batch.add_argument("--rejects", help="reject file (default: OUTPUT-STEM.rejects.jsonl)")
     batch.add_argument(
         "--max-reject",
-        type=int,
+        type=_count,
         metavar="N",
-        help="stop (exit 3) once more than N rows are rejected",
+        help="stop (exit 3) once more than N rows (or malformed lines) are rejected",
     )
     batch.add_argument(
         "--chunk-rows",
@@ -172,7 +188,7 @@ def add_batch_command(commands: Any) -> None:
     )
     batch.add_argument(
         "--batch-size",
-        type=_positive,
+        type=_batch_size,
         default=4096,
         help="--repo: rows per model call (default 4096)",
     )
