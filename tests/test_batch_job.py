@@ -507,3 +507,35 @@ def test_bad_options_are_refused_by_name(
         main(["batch", "--model", "breast_cancer", "in.csv", "out.csv", option, value])
     assert stop.value.code == 2
     assert f"argument {option}: {value} {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_an_input_with_columns_and_no_rows_gives_an_empty_output(
+    capsys: pytest.CaptureFixture[str], repo: Path, tmp_path: Path, fmt: str
+) -> None:
+    frame = cancer_frame().head(0).drop(columns=["label"])
+    data = tmp_path / f"none.{fmt}"
+    frame.to_csv(data, index=False) if fmt == "csv" else frame.to_parquet(data)
+    target = tmp_path / f"scored.{fmt}"
+    code, out, _ = batch(capsys, repo, "--model", "breast_cancer", str(data), str(target),
+                         "--key", "id")  # fmt: skip
+    assert code == 0 and "0 read, 0 predicted" in out
+    result = read_output(target)
+    assert len(result) == 0
+    assert {"id", "label"} <= set(result.columns)
+
+
+def test_files_that_cannot_be_read_or_written_are_named(
+    capsys: pytest.CaptureFixture[str], repo: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    code, _, err = batch(capsys, repo, "--model", "breast_cancer", str(tmp_path / "empty.csv"),
+                         str(tmp_path / "o.csv"))  # fmt: skip
+    assert code == 2 and "the input is empty: no columns" in err
+    data = tmp_path / "rows.csv"
+    cancer_frame().to_csv(data, index=False)
+    (tmp_path / "a-file").write_text("")
+    inside_a_file = str(tmp_path / "a-file" / "o.csv")
+    code, _, err = batch(capsys, repo, "--model", "breast_cancer", str(data), inside_a_file,
+                         "--drop", "label", "--key", "id")  # fmt: skip
+    assert code == 2 and "Not a directory" in err and "a-file" in err

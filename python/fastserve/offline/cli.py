@@ -127,6 +127,10 @@ def _batch(args: argparse.Namespace) -> int:
     except (JobError, TableError) as exc:
         print(f"fastserve batch: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # the output's folder cannot be written, say
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fastserve batch: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
     sys.stdout.write(summary.render())
     return EXIT_REJECTED if summary.refused else 0
 

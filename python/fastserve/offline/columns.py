@@ -84,6 +84,8 @@ def plan(
     ``known``: the kinds of the features the model describes (its schema's numbers, its
     tabular pipeline's categories); others are told from the values."""
     names = list(table.column_names)
+    if not names:
+        raise PlanError("the input is empty: no columns")
     named = [n for n in [key, *drop] if n is not None]
     missing = [n for n in named if n not in names]
     if missing:

@@ -344,15 +344,16 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
                 raise TooManyRejects(summary)
         if committing is not None:
             await committing
-    except (JobError, TableError) as exc:
+    except (JobError, TableError, OSError) as exc:
         if committing is not None and not committing.done():
             await asyncio.wait([committing])  # let a started commit finish (or fail) whole
+        problem = _io_problem(exc) if isinstance(exc, OSError) else str(exc)
         committed = len(work.committed())
         if not committed:  # nothing to resume: leave no work folder behind
             work.remove()
-            raise
+            raise JobError(problem) from None
         raise JobError(
-            f"{exc}\n{committed} chunks are committed in {work.path}: the same command "
+            f"{problem}\n{committed} chunks are committed in {work.path}: the same command "
             "resumes after them"
         ) from None
     finally:
@@ -362,8 +363,11 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
     chunks = _count(work)
     if chunks == 0:  # an empty input: no chunk came, but the files should exist
         raise JobError(f"{spec.input}: no rows and no columns")
-    files.merge([work.part(k) for k in range(chunks)], spec.output)
-    _merge_rejects(work, spec.rejects, chunks)
+    try:
+        files.merge([work.part(k) for k in range(chunks)], spec.output)
+        _merge_rejects(work, spec.rejects, chunks)
+    except OSError as exc:  # every chunk stays committed: the same command merges again
+        raise JobError(f"{_io_problem(exc)}; the same command tries again") from None
     summary.output = spec.output
     summary.seconds = time.perf_counter() - summary._started
     marker = {"identity": spec.identity(), "version": summary.version, "rows": summary.rows,
@@ -372,6 +376,12 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
     write_atomically(work.finished, lambda f: f.write(orjson.dumps(marker)))
     work.remove()
     return summary
+
+
+def _io_problem(exc: OSError) -> str:
+    """A failed write or read, as one line: what, and where (a full disk, say)."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc.__class__.__name__}{where}"
 
 
 def _finished(spec: JobSpec, work: WorkFolder) -> Summary | None:

@@ -82,6 +82,7 @@ class Source:
     def chunks(self, start: int = 0) -> Iterator[Chunk]:
         """Chunks ``start``, ``start + 1``, ... to the end of the file."""
         self._malformed: list[Malformed] = []
+        self._schema: pa.Schema | None = None  # the columns, even of a file with no rows
         batches = self._batches()
         buffered: list[pa.RecordBatch] = []
         held = 0
@@ -103,7 +104,11 @@ class Source:
                         self._take_malformed()
                     index += 1
             if (held or self._malformed or index == 0) and index >= start:
-                table = pa.Table.from_batches(buffered) if buffered else pa.table({})
+                if buffered:
+                    table = pa.Table.from_batches(buffered)
+                else:
+                    schema = self._schema
+                    table = pa.table({}) if schema is None else schema.empty_table()
                 yield Chunk(index, index * self.rows, table, self._take_malformed())
         except (pa.ArrowInvalid, OSError) as exc:
             raise TableError(
@@ -130,6 +135,7 @@ class Source:
                 raise TableError(
                     f"{self.path}: cannot read as parquet: {_first_line(exc)}"
                 ) from None
+            self._schema = file.schema_arrow
             yield from file.iter_batches(batch_size=self.rows)
         elif self.format == "csv":
             yield from self._csv_batches()
@@ -170,6 +176,7 @@ class Source:
             ),
         )
         with reader:
+            self._schema = reader.schema
             yield from reader
 
     def _jsonl_batches(self) -> Iterator[pa.RecordBatch]:
