@@ -97,7 +97,7 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-rows", type=int, default=65536)
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=16384)
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

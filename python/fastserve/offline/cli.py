@@ -193,8 +193,8 @@ def add_batch_command(commands: Any) -> None:
     batch.add_argument(
         "--batch-size",
         type=_batch_size,
-        default=4096,
-        help="--repo: rows per model call (default 4096)",
+        default=16384,
+        help="--repo: rows per model call (default 16384)",
     )
     batch.add_argument(
         "--request-rows",
