@@ -43,6 +43,12 @@ log = logging.getLogger("fastserve.review")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+FLUSH_INTERVAL_S = 0.01
+"""How often observed records are written. Often, in small bursts: on the server's own core
+a flush's burst (~4 µs a record) is what a request answered meanwhile waits out, so at one
+connection (3,600 requests/s) a flush every 100 ms put 1.5 ms bursts in the p99, and one every
+10 ms puts 0.15 ms ones (p99 1.59 → 1.16 ms, three runs of two servers side by side). It also
+bounds what a crash loses to the last 10 ms."""
 SOURCE_CHUNK = 64
 """Records a source turns into rows per call, the GIL held (~2 µs a record)."""
 
@@ -158,7 +164,7 @@ class ReviewStore:
         path: Path,
         *,
         retention_days: float = 7.0,
-        flush_interval_s: float = 0.1,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
         max_buffered: int = 100_000,
     ) -> None:
         self.path = path
