@@ -14,7 +14,7 @@ from typing import Any
 
 from fastserve.tabular import FORMATS, TableError, read_table
 
-__all__ = ["Refused", "add_data_commands", "guarded", "resolve_schema_file", "resolve_version"]
+__all__ = ["Refused", "add_data_commands", "resolve_schema_file", "resolve_version"]
 
 
 class Refused(Exception):
@@ -24,6 +24,22 @@ class Refused(Exception):
 def resolve_version(repository: Path, model: str, version: str | None) -> str:
     """``version`` if ``model`` has it; else the primary its config names, else the
     highest version its version policy loads (the version online traffic gets)."""
+    return _resolve(repository, model, version)[1]
+
+
+def resolve_schema_file(repository: Path, model: str, version: str | None) -> Path:
+    """The ``schema.yaml`` of ``model``'s ``version`` (default: as ``resolve_version``)."""
+    from fastserve.schema import SCHEMA_FILE
+
+    source_path, version = _resolve(repository, model, version)
+    path = source_path / version / SCHEMA_FILE
+    if not path.is_file():
+        raise Refused(f"model '{model}' version {version} has no {SCHEMA_FILE}")
+    return path
+
+
+def _resolve(repository: Path, model: str, version: str | None) -> tuple[Path, str]:
+    """(the model's folder, the version): see ``resolve_version``."""
     from fastserve import repository as repo
     from fastserve.config import load_model_config
     from fastserve.errors import ConfigError
@@ -35,7 +51,7 @@ def resolve_version(repository: Path, model: str, version: str | None) -> str:
     if version is not None:
         if version not in available:
             raise Refused(f"model '{model}' has no version {version}")
-        return version
+        return source.path, version
     try:
         config = load_model_config(source.config_path)
     except ConfigError as exc:
@@ -44,21 +60,7 @@ def resolve_version(repository: Path, model: str, version: str | None) -> str:
     chosen = config.primary or (loaded[-1] if loaded else None)
     if chosen is None:
         raise Refused(f"model '{model}' has no version to serve")
-    return str(chosen)
-
-
-def resolve_schema_file(repository: Path, model: str, version: str | None) -> Path:
-    """The ``schema.yaml`` of ``model``'s ``version`` (default: as ``resolve_version``)."""
-    from fastserve import repository as repo
-    from fastserve.schema import SCHEMA_FILE
-
-    version = resolve_version(repository, model, version)
-    source = repo.find(repository, model)
-    assert source is not None
-    path = source.path / version / SCHEMA_FILE
-    if not path.is_file():
-        raise Refused(f"model '{model}' version {version} has no {SCHEMA_FILE}")
-    return path
+    return source.path, str(chosen)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -121,7 +123,7 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def guarded(func: Any) -> Any:
+def _guarded(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             result: int = func(args)
@@ -161,7 +163,7 @@ def add_data_commands(commands: Any) -> None:
         help="at most this many distinct whole numbers make a feature discrete (isin)",
     )
     profile.add_argument("--force", action="store_true", help="replace an existing schema.yaml")
-    profile.set_defaults(func=guarded(_profile))
+    profile.set_defaults(func=_guarded(_profile))
 
     validate = commands.add_parser(
         "validate",
@@ -177,4 +179,4 @@ def add_data_commands(commands: Any) -> None:
     validate.add_argument("--repository", help="model repository (default: the bundled demo)")
     validate.add_argument("--format", choices=FORMATS, help="file format (default: from suffix)")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
-    validate.set_defaults(func=guarded(_validate))
+    validate.set_defaults(func=_guarded(_validate))

@@ -250,10 +250,12 @@ class WorkFolder:
 class _Progress:
     """A bar on a terminal (tqdm), else a log line every ``every_s`` seconds."""
 
-    def __init__(self, mode: Progress, total: int, exact: bool, done: int, every_s: float) -> None:
+    def __init__(self, mode: Progress, source: Source, done: int, every_s: float) -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode = mode
+        # a text file's rows are counted by reading it once more: only for what shows them
+        total, exact = source.total_rows() if mode != "off" else (0, False)
         self.total = total
         self.exact = exact
         self.done = done
@@ -304,8 +306,7 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
         summary.rejected += record.rejected
         summary.malformed += record.malformed
     source = Source(spec.input, spec.input_format, spec.chunk_rows)
-    total, exact = source.total_rows()
-    progress = _Progress(spec.progress, total, exact, summary.rows, spec.log_every_s)
+    progress = _Progress(spec.progress, source, summary.rows, spec.log_every_s)
     files: OutputFiles | None = None
     column_plan: ColumnPlan | None = None
     # A chunk is committed in a thread while the next one is scored: its part's flush to
@@ -339,7 +340,7 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
                     f"{summary.refused:,} rows rejected, more than --max-reject "
                     f"{spec.max_reject:,}; the committed chunks are kept in {work.path}"
                 )
-                _merge_rejects(work, spec.rejects, _count(work))
+                _merge_rejects(work, spec.rejects, work.committed())
                 summary.seconds = time.perf_counter() - summary._started
                 raise TooManyRejects(summary)
         if committing is not None:
@@ -360,12 +361,12 @@ async def run_job(spec: JobSpec, predictor: Predictor) -> Summary:
         progress.close()
     if files is None:
         files = _files(spec, predictor)
-    chunks = _count(work)
-    if chunks == 0:  # an empty input: no chunk came, but the files should exist
+    records = work.committed()
+    if not records:  # an empty input: no chunk came, but the files should exist
         raise JobError(f"{spec.input}: no rows and no columns")
     try:
-        files.merge([work.part(k) for k in range(chunks)], spec.output)
-        _merge_rejects(work, spec.rejects, chunks)
+        files.merge([work.part(k) for k in range(len(records))], spec.output)
+        _merge_rejects(work, spec.rejects, records)
     except OSError as exc:  # every chunk stays committed: the same command merges again
         raise JobError(f"{_io_problem(exc)}; the same command tries again") from None
     summary.output = spec.output
@@ -407,19 +408,17 @@ def _finished(spec: JobSpec, work: WorkFolder) -> Summary | None:
     )
 
 
-def _count(work: WorkFolder) -> int:
-    return len(work.committed())
-
-
-def _merge_rejects(work: WorkFolder, dest: Path, chunks: int) -> None:
-    """The reject parts as one JSON Lines file (none when nothing was rejected)."""
-    if not any(r.rejected or r.malformed for r in work.committed()[:chunks]):
+def _merge_rejects(work: WorkFolder, dest: Path, records: list[_Record]) -> None:
+    """The committed chunks' reject lines as one JSON Lines file (none when nothing was
+    rejected); only the chunks that have any are read again."""
+    if not any(r.rejected or r.malformed for r in records):
         dest.unlink(missing_ok=True)
         return
 
     def write(f: Any) -> None:
-        for k in range(chunks):
-            f.write(work.rejects(k))
+        for k, record in enumerate(records):
+            if record.rejected or record.malformed:
+                f.write(work.rejects(k))
 
     write_atomically(dest, write)
 

@@ -154,7 +154,7 @@ def write_atomically(path: Path, write: Any, *, durable: bool = True) -> None:
 
 
 def _width(spec: TensorSpec) -> int:
-    dims = [d for d in spec.shape[1:]]
+    dims = spec.shape[1:]
     return int(np.prod(dims)) if dims and all(d > 0 for d in dims) else 1
 
 

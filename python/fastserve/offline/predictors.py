@@ -22,6 +22,13 @@ import numpy.typing as npt
 import orjson
 
 from fastserve.errors import FastServeError, InvalidRequest, SchemaViolation
+from fastserve.http.codecs import (
+    HEADER_LENGTH,
+    MSGPACK_CONTENT_TYPE,
+    OCTET_STREAM,
+    tensor_bytes,
+    tensor_from_bytes,
+)
 from fastserve.offline.columns import Kind, feature_kinds
 from fastserve.protocol import InferenceRequest, InputTensor, TensorSpec
 
@@ -237,7 +244,6 @@ class RemoteModel:
         self.where = self.url
         self.wire = wire
         self.in_flight = in_flight
-        self._request_rows = request_rows
         self._timeout_s = timeout_s
         self._session: Any = None
         self.inputs: tuple[TensorSpec, ...] = ()
@@ -341,8 +347,6 @@ class RemoteModel:
         raise JobError(f"{self.url}: still unavailable after {_RETRIES} attempts")
 
     def _encode(self, inputs: list[InputTensor]) -> tuple[bytes, dict[str, str]]:
-        from fastserve.http.codecs import HEADER_LENGTH, MSGPACK_CONTENT_TYPE, tensor_bytes
-
         if self.wire == "msgpack":
             doc = {
                 "inputs": [
@@ -350,7 +354,7 @@ class RemoteModel:
                         "name": t.name,
                         "datatype": t.datatype,
                         "shape": list(t.shape),
-                        "data": _msgpack_data(t, tensor_bytes),
+                        "data": _msgpack_data(t),
                     }
                     for t in inputs
                 ]
@@ -374,12 +378,10 @@ class RemoteModel:
                 ],
             }
         )
-        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+        headers = {"Content-Type": OCTET_STREAM, HEADER_LENGTH: str(len(header))}
         return b"".join([header, *blobs]), headers
 
     def _decode(self, answer: _Answer) -> list[npt.NDArray[Any]]:
-        from fastserve.http.codecs import HEADER_LENGTH, tensor_from_bytes
-
         try:
             if "msgpack" in answer.headers.get("Content-Type", ""):
                 doc = msgpack.unpackb(answer.body)
@@ -415,7 +417,7 @@ class RemoteModel:
             raise JobError(f"{self.url}: an answer the job cannot read: {exc}") from None
 
 
-def _msgpack_data(tensor: InputTensor, tensor_bytes: Any) -> Any:
+def _msgpack_data(tensor: InputTensor) -> Any:
     if tensor.datatype == "BYTES":
         return list(tensor.data.reshape(-1))
     return tensor_bytes(tensor.data, tensor.datatype)
