@@ -12,6 +12,7 @@ from aiohttp import web
 from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
+from fastserve.http.fastpath import FastPath
 from fastserve.monitoring.alerter import Alerter
 from fastserve.monitoring.serving import ServingCollector
 from fastserve.registry import Registry
@@ -48,6 +49,8 @@ class Server:
             self.registry.metrics,
         )
         self._runner: web.ServerRunner | None = None
+        self._fast: FastPath | None = None
+        self._listener: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
         self._alerter: Alerter | None = None
@@ -74,9 +77,15 @@ class Server:
         self.state.review = self.review
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
-        await site.start()
-        self.port = _bound_port(runner)
+        # Connections open on the fast path; it hands what it does not serve to aiohttp.
+        assert runner.server is not None
+        self._fast = FastPath(self.state, runner.server)
+        self.state.fast = self._fast
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._fast, config.host, config.port, backlog=1024, reuse_address=True
+        )
+        self._fast.start()
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
         if config.watch != "off":
             # Watch before loading: an edit made while the models load is not missed (the
@@ -151,8 +160,12 @@ class Server:
             await asyncio.wait_for(state.drained.wait(), self.config.drain_timeout_s)
         except asyncio.TimeoutError:
             log.warning("drain timeout: %d request(s) still in flight", state.inflight)
+        if self._listener is not None:
+            self._listener.close()  # no new connections
+        if self._fast is not None:
+            self._fast.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # and the connections aiohttp was handed
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
         if self._alerter is not None:
@@ -172,10 +185,3 @@ class Server:
             await stop.wait()
         finally:
             await self.stop()
-
-
-def _bound_port(runner: web.BaseRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    raise RuntimeError("the server is not bound to a TCP port")

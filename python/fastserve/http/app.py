@@ -14,9 +14,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -39,11 +39,15 @@ from fastserve.protocol import InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 
+if TYPE_CHECKING:
+    from fastserve.http.fastpath import FastPath
+
 log = logging.getLogger("fastserve.http")
 
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
-_COMPRESS_MIN_BYTES = 1024
+COMPRESS_MIN_BYTES = 1024
+"""Answers this long or longer are compressed for a client that accepts it."""
 
 
 @dataclass
@@ -64,7 +68,9 @@ class ServerState:
     batching: int = 0
     """Requests waiting on a batcher (queued or running), all models together."""
     http: web.Server | None = None
-    """The HTTP server, whose open connections tell when every client is waiting."""
+    """aiohttp's server: the connections the fast path handed over to it."""
+    fast: FastPath | None = None
+    """The fast path, which accepts every connection (``fastserve.http.fastpath``)."""
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(6))
 
@@ -88,6 +94,11 @@ class ServerState:
         self.draining = True
         if not self.inflight:
             self.drained.set()
+
+    def open_connections(self) -> int:
+        """Client connections open now, on the fast path and on aiohttp's."""
+        count = 0 if self.http is None else len(self.http.connections)
+        return count if self.fast is None else count + len(self.fast.connections)
 
     @property
     def ready(self) -> bool:
@@ -159,14 +170,6 @@ class Dispatcher:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._get: dict[str, Handler] = {
-            "server": server_metadata,
-            "live": health_live,
-            "ready_server": health_ready,
-            "all_stats": model_stats,
-            "metadata": model_metadata,
-            "ready": model_ready,
-            "config": model_config,
-            "stats": model_stats,
             "metrics": metrics,
             "shadow": review_routes.shadow_summary,
             "accuracy": review_routes.accuracy,
@@ -199,6 +202,9 @@ class Dispatcher:
         if request.method not in ("GET", "HEAD"):
             return http_errors.method_not_allowed(request, "GET, HEAD")
         try:
+            read = READS.get(action)
+            if read is not None:
+                return read(self.state, model, version)
             return await self._get[action](request, self.state, model, version)
         except Exception as exc:
             return http_errors.response_for(exc, request)
@@ -244,37 +250,31 @@ class Dispatcher:
 
 
 # -- health and metadata ----------------------------------------------------------------------
+# Plain functions of (state, model, version): the aiohttp dispatcher and the fast path
+# (``fastserve.http.fastpath``) both answer them.
+
+Read = Callable[[ServerState, "str | None", "str | None"], web.Response]
 
 
-async def health_live(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def health_live(state: ServerState, model: str | None, version: str | None) -> web.Response:
     return _json({"live": True})
 
 
-async def health_ready(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def health_ready(state: ServerState, model: str | None, version: str | None) -> web.Response:
     ready = state.ready
     return _json({"ready": ready}, status=200 if ready else 503)
 
 
-async def server_metadata(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def server_metadata(state: ServerState, model: str | None, version: str | None) -> web.Response:
     return _json({"name": "fastserve", "version": __version__, "extensions": EXTENSIONS})
 
 
-async def model_metadata(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def model_metadata(state: ServerState, model: str | None, version: str | None) -> web.Response:
     served = state.registry.get(str(model), version)
     return _json(served.metadata(state.registry.versions(served.name)))
 
 
-async def model_ready(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def model_ready(state: ServerState, model: str | None, version: str | None) -> web.Response:
     name = str(model)
     try:
         state.registry.get(name, version)
@@ -285,9 +285,7 @@ async def model_ready(
     return _json({"name": name, "ready": True})
 
 
-async def model_config(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def model_config(state: ServerState, model: str | None, version: str | None) -> web.Response:
     served = state.registry.get(str(model), version)
     doc = served.config.model_dump(mode="json")
     doc.update(name=served.name, version=served.version, platform=PLATFORM)
@@ -295,12 +293,23 @@ async def model_config(
     return _json(doc)
 
 
-async def model_stats(
-    request: web.BaseRequest, state: ServerState, model: str | None, version: str | None
-) -> web.Response:
+def model_stats(state: ServerState, model: str | None, version: str | None) -> web.Response:
     registry = state.registry
     models = registry.models() if model is None else [registry.get(model, version)]
     return _json({"model_stats": [m.statistics() for m in models]})
+
+
+READS: dict[str, Read] = {
+    "server": server_metadata,
+    "live": health_live,
+    "ready_server": health_ready,
+    "all_stats": model_stats,
+    "metadata": model_metadata,
+    "ready": model_ready,
+    "config": model_config,
+    "stats": model_stats,
+}
+"""The GET routes that need nothing of the request but its path."""
 
 
 async def model_drift(
@@ -329,14 +338,13 @@ async def metrics(
 # -- inference --------------------------------------------------------------------------------
 
 
-def _response_format(request: web.BaseRequest, content_type: str) -> str:
+def _response_format(content_type: str, accept: str) -> str:
     """msgpack when the request was msgpack or asks for it, else JSON."""
     if (
         "msgpack" in content_type
         and content_type.partition(";")[0].strip().lower() in _MSGPACK_TYPES
     ):
         return "msgpack"
-    accept = request.headers.get("Accept", "")
     if accept and ("application/msgpack" in accept or "application/x-msgpack" in accept):
         return "msgpack"
     return "json"
@@ -345,34 +353,55 @@ def _response_format(request: web.BaseRequest, content_type: str) -> str:
 async def infer(
     request: web.BaseRequest, state: ServerState, name: str | None, version: str | None
 ) -> web.StreamResponse:
-    """``POST /v2/models/{name}[/versions/{version}]/infer``."""
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` through aiohttp."""
     if request.method != "POST":
         return http_errors.method_not_allowed(request, "POST")
-    started = time.perf_counter_ns()
-    name = str(name)
-    registry = state.registry
+    config = state.config
+
+    def body() -> Awaitable[bytes]:
+        return read_body(request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
+
     try:
-        if state.draining:
-            raise ServerStopping()
-        model = registry.get(name, version)  # unknown model: refused before the body is read
+        payload, headers = await answer_inference(state, str(name), version, request.headers, body)
     except Exception as exc:
         return http_errors.response_for(exc, request)
+    result = web.Response(body=payload, headers=headers)
+    if len(payload) >= COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
+        result.enable_compression()
+    return result
+
+
+async def answer_inference(
+    state: ServerState,
+    name: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    body: Callable[[], Awaitable[bytes]],
+) -> tuple[bytes, dict[str, str]]:
+    """The encoded answer (body, headers) to one inference request, whatever carried it.
+
+    ``headers`` is looked up by lower-case name; ``body`` reads the request's body (called
+    once the model is known: an unknown model is refused before the body is read). Raises
+    what the request failed with, after counting the failure in the model's statistics.
+    """
+    started = time.perf_counter_ns()
+    if state.draining:
+        raise ServerStopping()
+    registry = state.registry
+    model = registry.get(name, version)
     state.inflight += 1
     held: ServedModel | None = None
     try:
-        config = state.config
-        body = await read_body(
-            request, limit=config.max_body_bytes, timeout_s=config.body_timeout_s
-        )
+        data = await body()
         # Resolve again: a swap may have happened while the body arrived. ``inflight``
         # keeps this version from being unloaded until the request is answered.
         model = held = registry.get(name, version)
         model.inflight += 1
-        return await _infer(request, state, model, body, started)
+        return await _infer(state, model, headers, data, started)
     except Exception as exc:
         outcome = http_errors.outcome_of(exc) if isinstance(exc, FastServeError) else "error"
         model.request_stats.record_failure(outcome, time.perf_counter_ns() - started)
-        return http_errors.response_for(exc, request)
+        raise
     finally:
         if held is not None:
             held.inflight -= 1
@@ -380,16 +409,18 @@ async def infer(
 
 
 async def _infer(
-    request: web.BaseRequest, state: ServerState, model: ServedModel, body: bytes, started: int
-) -> web.StreamResponse:
-    headers = request.headers
-    # the raw header: aiohttp's parsed request.content_type costs ~6 µs on first access
-    content_type = headers.get("Content-Type", "")
+    state: ServerState,
+    model: ServedModel,
+    headers: Mapping[str, str],
+    body: bytes,
+    started: int,
+) -> tuple[bytes, dict[str, str]]:
+    content_type = headers.get("content-type", "")
     decode_start = time.perf_counter_ns()
     inference = decode_request(
         body,
         content_type,
-        headers.get("Inference-Header-Content-Length"),
+        headers.get("inference-header-content-length"),
         # every element takes at least one byte in any encoding: a small body that declares
         # a huge shape is refused before anything is allocated
         max_elements=len(body),
@@ -401,9 +432,7 @@ async def _infer(
     # When every open connection has a request waiting on a batch, no one can send the
     # request the delay would wait for (a closed loop: e.g. one client at a time).
     last = (
-        model.config.batching.release_when_idle
-        and state.http is not None
-        and state.batching + 1 >= len(state.http.connections)
+        model.config.batching.release_when_idle and state.batching + 1 >= state.open_connections()
     )
     state.batching += 1
     try:
@@ -436,7 +465,7 @@ async def _infer(
                 elapsed / 1e6,
             )
     encode_start = time.perf_counter_ns()
-    fmt = _response_format(request, content_type)
+    fmt = _response_format(content_type, headers.get("accept", ""))
     payload, response_headers = encode_response(response, inference, fmt)
     done = time.perf_counter_ns()
     model.request_stats.record_success(
@@ -450,10 +479,7 @@ async def _infer(
         stages=state.config.monitoring,  # (drift is fed per batch, by the batcher)
         preprocess_ns=prepared.preprocess_ns,
     )
-    result = web.Response(body=payload, headers=response_headers)
-    if len(payload) >= _COMPRESS_MIN_BYTES and request.headers.get("Accept-Encoding"):
-        result.enable_compression()
-    return result
+    return payload, response_headers
 
 
 def create_server(state: ServerState, **handler_options: Any) -> web.Server:

@@ -82,14 +82,19 @@ def outcome_of(exc: errors.FastServeError) -> str:
     return "error"
 
 
-def response_for(exc: Exception, request: web.BaseRequest) -> web.StreamResponse:
+def response_for(exc: Exception, request: web.BaseRequest) -> web.Response:
     """The JSON error answer for any exception a handler raised (unexpected ones are logged
     and answered 500 without detail)."""
+    return error_for(exc, request.method, request.path)
+
+
+def error_for(exc: Exception, method: str, path: str) -> web.Response:
+    """``response_for`` of a request known by its method and path."""
     if isinstance(exc, errors.FastServeError):
         return from_exception(exc)
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         return error_response(exc.status, exc.reason)
-    log.error("unhandled error on %s %s", request.method, request.path[:200], exc_info=exc)
+    log.error("unhandled error on %s %s", method, path[:200], exc_info=exc)
     return error_response(500, "internal server error")
 
 
