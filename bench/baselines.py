@@ -2,12 +2,15 @@
 requests (issue 8's reference lines):
 
     python bench/baselines.py ceiling  MODEL.onnx --port 8001   # the HTTP stack's ceiling
+    python bench/baselines.py ceiling-llhttp MODEL.onnx --port 8004  # the fast path's
     python bench/baselines.py plain    MODEL.onnx --port 8002   # one request at a time
     python bench/baselines.py pybatch  MODEL.onnx --port 8003 [--max-batch 64] [--delay-us 500]
 
 - ``ceiling``: a minimal aiohttp handler that parses the same body as a V2 server must
   (the JSON document and its tensor into numpy) and returns a fixed answer: no server built
   on aiohttp can answer faster.
+- ``ceiling-llhttp``: the same on the stack of fastserve's fast path: an asyncio protocol
+  on uvloop that frames requests with httptools (llhttp) and writes the fixed answer.
 - ``plain``: aiohttp + onnxruntime, ``session.run`` on each request as it comes: what a user
   writes in an afternoon.
 - ``pybatch``: the same with a pure-Python asyncio batcher (a queue, a delay, one
@@ -169,11 +172,63 @@ def app(kind: str, model_file: Path, max_batch: int, delay_us: int) -> web.Appli
     return application
 
 
+class LlhttpCeiling(asyncio.Protocol):
+    """``ceiling-llhttp``: one connection; llhttp frames the requests, each body is parsed as
+    ``ceiling`` parses it, and the answer is fixed (health routes: an empty 200)."""
+
+    FIXED = orjson.dumps({"model_name": "m", "model_version": "1", "outputs": []})
+    ANSWER = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(FIXED), FIXED)
+    )
+    EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    FAILED = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        url, body = self.url, b"".join(self.body)
+        self.url, self.body = b"", []
+        if url.endswith(b"/infer"):
+            try:
+                parse(body)
+            except Exception:  # a body that does not parse, as aiohttp would answer it
+                self.transport.write(self.FAILED)
+            else:
+                self.transport.write(self.ANSWER)
+        else:
+            self.transport.write(self.EMPTY)
+
+
+async def serve_llhttp_ceiling(host: str, port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(LlhttpCeiling, host, port, backlog=1024)
+    await server.serve_forever()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kind", choices=["ceiling", "plain", "pybatch"])
+    parser.add_argument("kind", choices=["ceiling", "ceiling-llhttp", "plain", "pybatch"])
     parser.add_argument("model", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
@@ -186,6 +241,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if args.kind == "ceiling-llhttp":
+        asyncio.run(serve_llhttp_ceiling(args.host, args.port))
+        return
     web.run_app(
         app(args.kind, args.model, args.max_batch, args.delay_us),
         host=args.host,

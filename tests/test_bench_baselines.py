@@ -72,10 +72,11 @@ def test_the_model_baselines_answer_as_the_model_does(kind: str, demo_repo: Path
     assert [g[0] for g in got] == expected.tolist()
 
 
-def test_the_ceiling_parses_the_body_and_answers_fixed(demo_repo: Path) -> None:
+@pytest.mark.parametrize("kind", ["ceiling", "ceiling-llhttp"])
+def test_the_ceilings_parse_the_body_and_answer_fixed(kind: str, demo_repo: Path) -> None:
     model = demo_repo / "breast_cancer" / "1" / "model.onnx"
     row = example_rows("breast_cancer", 1)[0]
-    with baseline("ceiling", model) as url:
+    with baseline(kind, model) as url:
         import orjson
 
         good = orjson.dumps(tabular_body(row))
