@@ -81,10 +81,10 @@ class Server:
         assert runner.server is not None
         self._fast = FastPath(self.state, runner.server)
         self.state.fast = self._fast
+        self._fast.start()
         self._listener = await asyncio.get_running_loop().create_server(
             self._fast, config.host, config.port, backlog=1024, reuse_address=True
         )
-        self._fast.start()
         self.port = int(self._listener.sockets[0].getsockname()[1])
         log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
         if config.watch != "off":

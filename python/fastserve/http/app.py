@@ -1,10 +1,13 @@
-"""The HTTP front: Open Inference Protocol (KServe V2) REST routes on aiohttp.
+"""The HTTP front: Open Inference Protocol (KServe V2) REST routes.
 
-Requests go through aiohttp's low-level server to ``Dispatcher``, which maps the fixed
-V2 route set by splitting the path. aiohttp's router resolves routes with path parameters
-(``/v2/models/{model}/infer``) by regular expression and builds match-info objects for
-each request: measured at ~7 µs of the ~80 µs a single-row request costs on one core, so
-the protocol's handful of routes are matched here instead.
+Inference and the read routes (``READS``) are answered by ``answer_inference`` and plain
+functions of (state, model, version), which both HTTP layers call: the fast path
+(``fastserve.http.fastpath``), which accepts every connection, and aiohttp, which gets
+the connections the fast path hands over. On aiohttp, requests go through its low-level
+server to ``Dispatcher``, which maps the fixed V2 route set by splitting the path
+(``resolve``): aiohttp's router resolves routes with path parameters by regular
+expression and builds match-info objects for each request, measured at ~7 µs of the
+~80 µs a single-row request cost on one core.
 """
 
 from __future__ import annotations

@@ -144,6 +144,8 @@ class Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._parser: httptools.HttpRequestParser | None = None
         self._keep_alive = True
+        self.task: asyncio.Task[None] | None = None
+        """The inference in progress (held: the loop keeps only weak references)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -298,7 +300,7 @@ class Connection(asyncio.Protocol):
     def _answer(self, head: _Head, body: bytes) -> None:
         if head.read is None:
             self.busy = True
-            self.fast.loop.create_task(self._infer(head, body))
+            self.task = self.fast.loop.create_task(self._infer(head, body))
             return
         try:
             response = head.read(self.fast.state, head.model, head.version)
@@ -322,7 +324,9 @@ class Connection(asyncio.Protocol):
             self._respond(head, http_errors.error_for(exc, head.method, head.path))
         else:
             self._write(head, 200, answer.items(), payload, close=False, compress=True)
-        self._next()
+        finally:
+            self.task = None
+            self._next()
 
     def _next(self) -> None:
         """The answer is written: serve what arrived meanwhile."""
