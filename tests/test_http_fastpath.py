@@ -249,3 +249,29 @@ async def test_a_client_that_leaves_mid_request_leaves_nothing_behind(server: Se
         await asyncio.sleep(0.02)
     assert not fast.connections
     assert server.state.inflight == 0
+
+
+async def test_a_client_far_ahead_of_its_answers_is_not_read_from_meanwhile(
+    server: Server,
+) -> None:
+    """80,000 pipelined requests (3.5 MB, over the 1 MiB body limit; their answers, 30 MB,
+    more than the sockets' buffers hold) sent before reading a single answer: the server
+    stops reading while its answers are unread, and then answers every one, in order."""
+    conn = await RawClient.open(server)
+    try:
+        count = 80_000
+        request = get(b"/v2/models/adder")
+        conn.writer.write(request * count)  # not drained: the server must read it
+        await asyncio.sleep(1)
+        fast = server.state.fast
+        assert fast is not None
+        (connection,) = fast.connections
+        assert connection.read_paused and connection.write_paused
+        # (paused past the limit + a head, at most one read of the socket later)
+        assert len(connection.buffer) < 1.5 * server.config.max_body_bytes < len(request) * count
+        answers = await conn.answers_until(count, within_s=50)
+        assert all(a.status == 200 and a.body == answers[0].body for a in answers)
+        assert answers[0].json()["name"] == "adder"
+        await asyncio.wait_for(conn.writer.drain(), 10)
+    finally:
+        conn.close()
