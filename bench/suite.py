@@ -288,8 +288,23 @@ class FastserveTarget:
         stats = doc["model_stats"][0]["batch_stats"]
         return {int(s["batch_size"]): int(s["compute_infer"]["count"]) for s in stats}
 
+    def records_dropped(self) -> int | None:
+        return records_dropped(self.url)
+
     def stop(self) -> None:
         self.server.stop()
+
+
+def records_dropped(url: str) -> int | None:
+    """Predictions a fastserve server did not record because its store fell behind (from
+    ``/metrics``; None: not read): a run that dropped any did less work than asked."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^fastserve_observed_records_dropped_total (\S+)$", text, re.M)
+    return None if found is None else int(float(found.group(1)))
 
 
 class BaselineTarget:
@@ -966,6 +981,9 @@ def run_suite(args: argparse.Namespace, matrix: Matrix) -> dict[str, Any]:
             ]
             done += bench.rounds(cases, "open")
         results["cases"] = [c.summary() for c in done]
+        results["records_dropped"] = {
+            t.name: t.records_dropped() for t in bench.targets if isinstance(t, FastserveTarget)
+        }
     finally:
         for target in bench.targets:
             with contextlib.suppress(Exception):
@@ -1160,6 +1178,9 @@ def render(results: dict[str, Any]) -> str:
     ]
     if busy:
         lines.append(f"wrk near a full core (figures may be the client's): {busy}")
+    dropped = {name: n for name, n in results.get("records_dropped", {}).items() if n}
+    if dropped:
+        lines.append(f"predictions not recorded (the store fell behind; less work done): {dropped}")
     late = [
         f"{c['server']} {c['offered_rps']:,.0f}/s ({c['median']['send_lag_p99_ms']:.1f} ms)"
         for c in results["cases"]

@@ -131,6 +131,15 @@ def test_the_heavy_model_is_served_with_the_same_bodies(served: tuple[ServerProc
     assert outputs["label"].tolist() == predict(repo, "heavy", rows)["label"].tolist()
 
 
+def test_the_suite_reads_how_many_predictions_a_server_dropped(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    server, _ = served
+    _post(server.url, suite.v2_request("breast_cancer", example_rows("breast_cancer", 1), "json"))
+    assert suite.records_dropped(f"http://{server.url}") == 0
+    assert suite.records_dropped("http://127.0.0.1:9") is None  # nothing listens there
+
+
 def test_wrk_sends_the_binary_extension_header(
     served: tuple[ServerProcess, Path], tmp_path: Path
 ) -> None:

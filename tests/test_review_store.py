@@ -16,8 +16,10 @@ import pytest
 
 from conftest import ServerProcess
 from fastserve.demo import example_rows
+from fastserve.monitoring.metrics import Metrics
+from fastserve.monitoring.serving import RecordingCollector
 from fastserve.review.outcome import Reading
-from fastserve.review.service import PredictionLog
+from fastserve.review.service import PredictionLog, Review
 from fastserve.review.store import SOURCE_CHUNK, ReviewStore, UnknownRequest
 from models import tabular_body
 
@@ -109,6 +111,35 @@ async def test_a_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path)
         assert await store.query("SELECT count(*) FROM predictions") == [(5,)]
     finally:
         await store.close()
+
+
+async def test_records_waiting_and_dropped_are_exposed_to_prometheus(tmp_path: Path) -> None:
+    metrics = Metrics()
+    review = Review(ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=5), metrics)
+    metrics.registry.register(RecordingCollector(review.observed_waiting, review.observed_dropped))
+
+    def exposed() -> tuple[float | None, float | None]:
+        registry = metrics.registry
+        return (
+            registry.get_sample_value("fastserve_observed_records_waiting"),
+            registry.get_sample_value("fastserve_observed_records_dropped_total"),
+        )
+
+    await review.open()
+    try:
+        assert exposed() == (0, 0)
+        reading = Reading("classifier", 1, 0)
+        outputs = [np.array([1]), np.array([[0.2, 0.8]], np.float32)]
+        for i in range(7):  # predictions: a source of the store, bounded by max_buffered too
+            review.predictions.add("m", f"p{i}", "primary", "1", reading, outputs, None, 1.0)
+        for i in range(6):
+            note(review.store, f"n{i}", 1)
+        assert exposed() == (10, 3)
+        await review.store.flush()
+        assert exposed() == (0, 3)
+        assert await review.store.query("SELECT count(*) FROM predictions") == [(10,)]
+    finally:
+        await review.close()
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

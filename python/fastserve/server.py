@@ -14,7 +14,7 @@ from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
 from fastserve.http.fastpath import FastPath
 from fastserve.monitoring.alerter import Alerter
-from fastserve.monitoring.serving import ServingCollector
+from fastserve.monitoring.serving import RecordingCollector, ServingCollector
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.review.store import ReviewStore
@@ -47,6 +47,9 @@ class Server:
         self.review = Review(
             ReviewStore(config.state_path, retention_days=config.retention_days),
             self.registry.metrics,
+        )
+        self.registry.metrics.registry.register(
+            RecordingCollector(self.review.observed_waiting, self.review.observed_dropped)
         )
         self._runner: web.ServerRunner | None = None
         self._fast: FastPath | None = None

@@ -119,6 +119,29 @@ class ServingCollector(Collector):
         )  # fmt: skip
 
 
+class RecordingCollector(Collector):
+    """The review store's observed records: waiting to be written, and dropped."""
+
+    def __init__(self, waiting: Callable[[], int], dropped: Callable[[], int]) -> None:
+        self._waiting = waiting
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily(
+            "fastserve_observed_records_waiting",
+            "Predictions, shadow comparisons and review items noted for the review store "
+            "and not yet written (written every 10 ms).",
+        )
+        waiting.add_metric([], self._waiting())
+        dropped = CounterMetricFamily(
+            "fastserve_observed_records_dropped",
+            "Observed records not written because the store's buffer was full (the store "
+            "fell 100,000 records behind): their feedback cannot be matched.",
+        )
+        dropped.add_metric([], self._dropped())
+        yield from (waiting, dropped)
+
+
 def _size_buckets(snapshot: list[tuple[int, int, int]]) -> tuple[list[tuple[str, int]], int]:
     """Cumulative (le, batches) over ``BATCH_SIZE_BUCKETS`` and the rows' sum, from the exact
     (rows, batches, compute ns) counts the batcher keeps."""

@@ -99,6 +99,10 @@ class PredictionLog:
                 return
             self._items.append((*item, time.time()))
 
+    def waiting(self) -> int:
+        """Records noted and not yet drained."""
+        return len(self._items)
+
     def drain(self, limit: int | None = None) -> list[tuple[Any, ...]]:
         """Rows for the predictions table: the oldest ``limit`` records noted and not yet
         drained (None: all of them)."""
@@ -165,6 +169,14 @@ class Review:
         """Predictions labelled since the server started, by (model, version)."""
         self._pending_items: dict[str, int] = {}
         """Unlabelled review items per model, queued or stored (bounded by max_pending)."""
+
+    def observed_waiting(self) -> int:
+        """Observed records (predictions, comparisons, review items) not yet written."""
+        return self.store.waiting() + self.predictions.waiting()
+
+    def observed_dropped(self) -> int:
+        """Observed records dropped since the server started: the buffer was full."""
+        return self.store.dropped + self.predictions.dropped
 
     async def open(self) -> None:
         await self.store.open()

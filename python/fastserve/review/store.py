@@ -234,6 +234,10 @@ class ReviewStore:
                 return
             self._buffer.append((table, row))
 
+    def waiting(self) -> int:
+        """Records noted (``note``) and not yet written; a source counts its own."""
+        return len(self._buffer)
+
     def add_source(self, table: str, drain: Callable[[int], list[tuple[Any, ...]]]) -> None:
         """Have each flush also write the rows ``drain(limit)`` returns (called on the
         store's thread until it returns none): for a producer that turns many records into
