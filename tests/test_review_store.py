@@ -20,7 +20,7 @@ from fastserve.monitoring.metrics import Metrics
 from fastserve.monitoring.serving import RecordingCollector
 from fastserve.review.outcome import Reading
 from fastserve.review.service import PredictionLog, Review
-from fastserve.review.store import SOURCE_CHUNK, ReviewStore, UnknownRequest
+from fastserve.review.store import PIECE, ReviewStore, UnknownRequest
 from models import tabular_body
 
 MODEL = "breast_cancer"
@@ -57,21 +57,26 @@ async def test_observed_records_are_written_once_and_feedback_is_idempotent(
         await store.close()
 
 
-async def test_a_flush_takes_everything_a_source_holds_chunk_by_chunk(tmp_path: Path) -> None:
+async def test_a_flush_writes_everything_a_source_and_the_buffer_hold_piece_by_piece(
+    tmp_path: Path,
+) -> None:
     log = PredictionLog(limit=10_000)
     reading = Reading("classifier", 1, 0)
     store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
     store.add_source("predictions", log.drain)
     await store.open()
     try:
-        n = 5 * SOURCE_CHUNK + 3
+        n = 5 * PIECE + 3
         for i in range(n):
             scores = np.array([[0.9, 0.1]] if i % 2 else [[0.2, 0.8]], np.float32)
             log.add("m", f"r{i}", "primary", "1", reading, [np.array([i % 2]), scores], None, 1.0)
+            note(store, f"n{i}", i % 3)
         await store.flush()
-        assert await store.query("SELECT count(*) FROM predictions") == [(n,)]
-        rows = await store.query("SELECT request_id, prediction FROM predictions")
-        assert dict(rows) == {f"r{i}": "[0]" if i % 2 else "[1]" for i in range(n)}
+        assert await store.query("SELECT count(*) FROM predictions") == [(2 * n,)]
+        rows = dict(await store.query("SELECT request_id, prediction FROM predictions"))
+        assert rows == {f"r{i}": "[0]" if i % 2 else "[1]" for i in range(n)} | {
+            f"n{i}": f"[{i % 3}]" for i in range(n)
+        }
     finally:
         await store.close()
 
