@@ -130,7 +130,7 @@ class RecordingCollector(Collector):
         waiting = GaugeMetricFamily(
             "fastserve_observed_records_waiting",
             "Predictions, shadow comparisons and review items noted for the review store "
-            "and not yet written (written every 10 ms).",
+            "and not yet written (written every 50 ms).",
         )
         waiting.add_metric([], self._waiting())
         dropped = CounterMetricFamily(
