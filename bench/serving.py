@@ -113,6 +113,36 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def observed_records(url: str) -> tuple[int, int] | None:
+    """(waiting, dropped) of a fastserve server at ``url``, from ``/metrics``: predictions
+    and other observed records noted and not yet written, and those dropped because its
+    store fell behind. None: not read (not fastserve, or not answering)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = [
+        re.search(rf"^fastserve_observed_records_{name} (\S+)$", text, re.M)
+        for name in ("waiting", "dropped_total")
+    ]
+    if found[0] is None or found[1] is None:
+        return None
+    return int(float(found[0].group(1))), int(float(found[1].group(1)))
+
+
+def settle(url: str, timeout_s: float = 60.0) -> float | None:
+    """Seconds until the fastserve server at ``url`` has written every observed record it
+    holds: the work a run left for later, which a fair figure counts (one flush, ≤ 50 ms,
+    when the store kept up). None: not read."""
+    start = time.perf_counter()
+    while (observed := observed_records(url)) is not None:
+        if observed[0] == 0 or time.perf_counter() - start > timeout_s:
+            return time.perf_counter() - start
+        time.sleep(0.005)
+    return None
+
+
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 

@@ -93,6 +93,9 @@ CONTENT_TYPES = {
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
 FASTSERVE = "fastserve"
+SETTLE_FLAG_S = 0.25
+"""A run after which fastserve took longer than this to write what it had recorded (one
+flush is ≤ 50 ms) deferred work: its req/s flatters it, so the table says so."""
 FASTSERVE_LEAN = "fastserve, lean (no prediction recording, no monitoring)"
 HTTP_CEILING = "HTTP-stack ceiling"
 LLHTTP_CEILING = "HTTP-stack ceiling, llhttp (fastserve's fast path)"
@@ -260,6 +263,11 @@ class Target(Protocol):
 
     def batch_counts(self, model: str) -> dict[int, int] | None: ...
 
+    def settle(self) -> float:
+        """Seconds until the work a run left behind is done (fastserve: the predictions it
+        has yet to write); its CPU counts with the run's."""
+        ...
+
     def stop(self) -> None: ...
 
 
@@ -291,20 +299,18 @@ class FastserveTarget:
     def records_dropped(self) -> int | None:
         return records_dropped(self.url)
 
+    def settle(self) -> float:
+        return serving.settle(self.url) or 0.0
+
     def stop(self) -> None:
         self.server.stop()
 
 
 def records_dropped(url: str) -> int | None:
-    """Predictions a fastserve server did not record because its store fell behind (from
-    ``/metrics``; None: not read): a run that dropped any did less work than asked."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    found = re.search(r"^fastserve_observed_records_dropped_total (\S+)$", text, re.M)
-    return None if found is None else int(float(found.group(1)))
+    """Predictions a fastserve server did not record because its store fell behind (None:
+    not read): a run that dropped any did less work than asked."""
+    observed = serving.observed_records(url)
+    return None if observed is None else observed[1]
 
 
 class BaselineTarget:
@@ -328,6 +334,9 @@ class BaselineTarget:
 
     def batch_counts(self, model: str) -> dict[int, int] | None:
         return None
+
+    def settle(self) -> float:
+        return 0.0
 
     def stop(self) -> None:
         self.baseline.stop()
@@ -357,6 +366,9 @@ class PeerTarget:
 
     def batch_counts(self, model: str) -> dict[int, int] | None:
         return None
+
+    def settle(self) -> float:
+        return 0.0
 
     def stop(self) -> None:
         self.peer.stop()
@@ -551,6 +563,7 @@ class Bench:
             else:
                 result = wrk_run(url, body, headers, case.connections, duration)
             wall = time.perf_counter() - start
+            result["settle_s"] = target.settle()
             cpu = tree_cpu_seconds(target.pid) - cpu_before
             idle = sum(tree_cpu_seconds(p) for p in others) - idle_before
         done = max(1, int(result["requests"]))
@@ -1181,6 +1194,14 @@ def render(results: dict[str, Any]) -> str:
     dropped = {name: n for name, n in results.get("records_dropped", {}).items() if n}
     if dropped:
         lines.append(f"predictions not recorded (the store fell behind; less work done): {dropped}")
+    behind = [
+        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
+        f"({c['median']['settle_s']:.2f} s)"
+        for c in results["cases"]
+        if c["median"].get("settle_s", 0) > SETTLE_FLAG_S
+    ]
+    if behind:
+        lines.append(f"predictions still being written after the run (its CPU counted): {behind}")
     late = [
         f"{c['server']} {c['offered_rps']:,.0f}/s ({c['median']['send_lag_p99_ms']:.1f} ms)"
         for c in results["cases"]

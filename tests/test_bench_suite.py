@@ -131,13 +131,20 @@ def test_the_heavy_model_is_served_with_the_same_bodies(served: tuple[ServerProc
     assert outputs["label"].tolist() == predict(repo, "heavy", rows)["label"].tolist()
 
 
-def test_the_suite_reads_how_many_predictions_a_server_dropped(
+def test_the_benchmarks_read_what_a_server_has_yet_to_write_and_dropped(
     served: tuple[ServerProcess, Path],
 ) -> None:
     server, _ = served
+    url = f"http://{server.url}"
     _post(server.url, suite.v2_request("breast_cancer", example_rows("breast_cancer", 1), "json"))
-    assert suite.records_dropped(f"http://{server.url}") == 0
-    assert suite.records_dropped("http://127.0.0.1:9") is None  # nothing listens there
+    observed = suite.serving.observed_records(url)
+    assert observed is not None and observed[0] in (0, 1) and observed[1] == 0
+    assert suite.records_dropped(url) == 0
+    assert suite.serving.settle(url) is not None
+    assert suite.serving.observed_records(url) == (0, 0)  # written: nothing waits
+    nobody = "http://127.0.0.1:9"  # nothing listens there
+    assert suite.records_dropped(nobody) is None
+    assert suite.serving.settle(nobody) is None
 
 
 def test_wrk_sends_the_binary_extension_header(

@@ -14,13 +14,14 @@ import aiohttp
 import numpy as np
 import pytest
 
+import fastserve.review.store
 from conftest import ServerProcess
 from fastserve.demo import example_rows
 from fastserve.monitoring.metrics import Metrics
 from fastserve.monitoring.serving import RecordingCollector
 from fastserve.review.outcome import Reading
 from fastserve.review.service import PredictionLog, Review
-from fastserve.review.store import PIECE, ReviewStore, UnknownRequest
+from fastserve.review.store import GIVE_WAY_RECORDS, PIECE, ReviewStore, UnknownRequest
 from models import tabular_body
 
 MODEL = "breast_cancer"
@@ -77,6 +78,38 @@ async def test_a_flush_writes_everything_a_source_and_the_buffer_hold_piece_by_p
         assert rows == {f"r{i}": "[0]" if i % 2 else "[1]" for i in range(n)} | {
             f"n{i}": f"[{i % 3}]" for i in range(n)
         }
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("backlog", [3 * PIECE, 20 * GIVE_WAY_RECORDS])
+async def test_a_flush_gives_way_between_pieces_until_it_is_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int
+) -> None:
+    given_way = 0
+    real = fastserve.review.store._give_way
+
+    def counted() -> None:
+        nonlocal given_way
+        given_way += 1
+        real()
+
+    monkeypatch.setattr(fastserve.review.store, "_give_way", counted)
+    log = PredictionLog(limit=100_000)
+    reading = Reading("classifier", 1, 0)
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
+    store.add_source("predictions", log.drain)
+    await store.open()
+    try:
+        scores = np.array([[0.2, 0.8]], np.float32)
+        for i in range(backlog):
+            log.add("m", f"r{i}", "primary", "1", reading, [np.array([1]), scores], None, 1.0)
+        await store.flush()
+        assert await store.query("SELECT count(*) FROM predictions") == [(backlog,)]
+        # between every two pieces of building rows and of inserting them, while they are
+        # few; a backlog past GIVE_WAY_RECORDS is written straight on
+        pieces = -(-min(backlog, GIVE_WAY_RECORDS) // PIECE)
+        assert given_way == 2 * pieces
     finally:
         await store.close()
 
