@@ -49,8 +49,8 @@ SCHEMA_VERSION = 1
 FLUSH_INTERVAL_S = 0.05
 """How often observed records are written, and so what a crash may lose of them. Each
 flush has a cost whatever it writes (two PRAGMAs, the transaction, its WAL write): every 50 ms
-rather than every 10 ms is 4 % more throughput at 64 connections, the same p99 at one
-(``bench/ab.py``); a flush in pieces (``PIECE``) no longer puts its length in the p99."""
+rather than every 10 ms is 3.6 % more req/s at one connection (p99 0.35-0.36 against
+0.36-0.43 ms) and the same at 64 (``bench/ab.py``, four rounds each)."""
 PIECE = 16
 """Records a flush turns into rows, or inserts, between two ``_give_way`` calls (the GIL
 held: ~2 µs a record to build, ~5 to insert)."""
