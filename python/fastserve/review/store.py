@@ -387,7 +387,7 @@ def _give_way() -> None:
     only when this thread's slice ends, and by then this thread has taken the GIL back. The
     loop then waited out most of each flush: at one connection the requests that overlapped
     one were the slowest 1 %. ``sched_yield`` hands the core over: p99 at one connection
-    0.78-1.04 -> 0.36-0.45 ms, throughput at 64 connections +7 % (``bench/ab.py``).
+    0.85-0.98 -> 0.42-0.46 ms, the same req/s (``bench/ab.py --connections 1``, four rounds).
     """
     if hasattr(os, "sched_yield"):
         os.sched_yield()  # releases the GIL, and the core to a runnable thread
