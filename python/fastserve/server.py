@@ -13,6 +13,7 @@ from fastserve import repository
 from fastserve.config import ServerConfig
 from fastserve.http.app import ServerState, create_server
 from fastserve.http.fastpath import FastPath
+from fastserve.http.listener import Listener
 from fastserve.monitoring.alerter import Alerter
 from fastserve.monitoring.serving import RecordingCollector, ServingCollector
 from fastserve.registry import Registry
@@ -53,7 +54,7 @@ class Server:
         )
         self._runner: web.ServerRunner | None = None
         self._fast: FastPath | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
         self._alerter: Alerter | None = None
@@ -85,9 +86,7 @@ class Server:
         self._fast = FastPath(self.state, runner.server)
         self.state.fast = self._fast
         self._fast.start()
-        self._listener = await asyncio.get_running_loop().create_server(
-            self._fast, config.host, config.port, backlog=1024, reuse_address=True
-        )
+        self._listener = Listener(self._fast, config.host, config.port, backlog=1024)
         self.port = int(self._listener.sockets[0].getsockname()[1])
         log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
         if config.watch != "off":
