@@ -4,9 +4,11 @@ real server process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -58,28 +60,39 @@ async def test_observed_records_are_written_once_and_feedback_is_idempotent(
         await store.close()
 
 
-async def test_a_flush_writes_everything_a_source_and_the_buffer_hold_piece_by_piece(
-    tmp_path: Path,
-) -> None:
-    log = PredictionLog(limit=10_000)
-    reading = Reading("classifier", 1, 0)
-    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
+@contextlib.asynccontextmanager
+async def store_with_log(path: Path) -> AsyncIterator[tuple[ReviewStore, PredictionLog]]:
+    """An open store (flushed only when asked) whose predictions come from a PredictionLog."""
+    log = PredictionLog(limit=100_000)
+    store = ReviewStore(path, flush_interval_s=60)
     store.add_source("predictions", log.drain)
     await store.open()
     try:
+        yield store, log
+    finally:
+        await store.close()
+
+
+def log_prediction(log: PredictionLog, request_id: str, label: int) -> None:
+    scores = np.array([[0.9, 0.1]] if label == 0 else [[0.2, 0.8]], np.float32)
+    reading = Reading("classifier", 1, 0)
+    log.add("m", request_id, "primary", "1", reading, [np.array([label]), scores], None, 1.0)
+
+
+async def test_a_flush_writes_everything_a_source_and_the_buffer_hold_piece_by_piece(
+    tmp_path: Path,
+) -> None:
+    async with store_with_log(tmp_path / "s.db") as (store, log):
         n = 5 * PIECE + 3
         for i in range(n):
-            scores = np.array([[0.9, 0.1]] if i % 2 else [[0.2, 0.8]], np.float32)
-            log.add("m", f"r{i}", "primary", "1", reading, [np.array([i % 2]), scores], None, 1.0)
+            log_prediction(log, f"r{i}", i % 2)
             note(store, f"n{i}", i % 3)
         await store.flush()
         assert await store.query("SELECT count(*) FROM predictions") == [(2 * n,)]
         rows = dict(await store.query("SELECT request_id, prediction FROM predictions"))
-        assert rows == {f"r{i}": "[0]" if i % 2 else "[1]" for i in range(n)} | {
+        assert rows == {f"r{i}": f"[{i % 2}]" for i in range(n)} | {
             f"n{i}": f"[{i % 3}]" for i in range(n)
         }
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize("backlog", [3 * PIECE, 20 * GIVE_WAY_RECORDS])
@@ -95,23 +108,15 @@ async def test_a_flush_gives_way_between_pieces_until_it_is_behind(
         real()
 
     monkeypatch.setattr(fastserve.review.store, "_give_way", counted)
-    log = PredictionLog(limit=100_000)
-    reading = Reading("classifier", 1, 0)
-    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
-    store.add_source("predictions", log.drain)
-    await store.open()
-    try:
-        scores = np.array([[0.2, 0.8]], np.float32)
+    async with store_with_log(tmp_path / "s.db") as (store, log):
         for i in range(backlog):
-            log.add("m", f"r{i}", "primary", "1", reading, [np.array([1]), scores], None, 1.0)
+            log_prediction(log, f"r{i}", 1)
         await store.flush()
         assert await store.query("SELECT count(*) FROM predictions") == [(backlog,)]
         # between every two pieces of building rows and of inserting them, while they are
         # few; a backlog past GIVE_WAY_RECORDS is written straight on
         pieces = -(-min(backlog, GIVE_WAY_RECORDS) // PIECE)
         assert given_way == 2 * pieces
-    finally:
-        await store.close()
 
 
 async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path) -> None:
