@@ -6,7 +6,9 @@ both ways of running batches, in one run.
 
 Each of the four servers (execution event_loop / threads x review.record_predictions
 true / false) runs the "batching" config of bench/serving.py, pinned to CPU 0 with wrk on
-CPU 1; the figure is the median of --repeats closed-loop runs after a warm-up.
+CPU 1; the figure is the median of --repeats closed-loop runs after a warm-up. "settled" is
+how long the server then took to write what it had recorded (one flush, <= 50 ms, when its
+store kept up); "dropped", what it could not record.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def main() -> None:
         body = work / "body.json"
         serving.write_body(body, example_rows(args.model, 1))
         print(f"model {args.model}, {args.connections} connections, batching config")
-        print("| execution | record_predictions | req/s | p99 ms |\n|---|---|---:|---:|")
+        print(
+            "| execution | record_predictions | req/s | p99 ms | settled s | dropped |\n"
+            "|---|---|---:|---:|---:|---:|"
+        )
         for execution in ("event_loop", "threads"):
             for record in (True, False):
                 repo = work / f"{execution}-{record}"
@@ -55,12 +60,15 @@ def main() -> None:
                     result = serving.closed_loop(
                         url, body, args.connections, args.duration, args.repeats
                     )
+                    # a store that fell behind left work for later: it is shown, and drops
+                    settled = serving.settle(server.url) or 0.0
+                    dropped = (serving.observed_records(server.url) or (0, 0))[1]
                 finally:
                     server.stop()
                 rates[execution, record] = result["rps"]
                 print(
                     f"| {execution} | {str(record).lower()} | {result['rps']:,.0f} | "
-                    f"{result['p99_ms']:.2f} |",
+                    f"{result['p99_ms']:.2f} | {settled:.2f} | {dropped:,} |",
                     flush=True,
                 )
     finally:
