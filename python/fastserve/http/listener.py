@@ -70,8 +70,8 @@ class Listener:
 
     def _started(self, task: asyncio.Task[object]) -> None:
         self._starting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("a connection closed as it opened: %s", task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("a connection closed as it opened: %s", exc)
 
     def _resume(self, sock: socket.socket) -> None:
         if not self._closed:
