@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,6 +118,40 @@ async def test_a_flush_gives_way_between_pieces_until_it_is_behind(
         # few; a backlog past GIVE_WAY_RECORDS is written straight on
         pieces = -(-min(backlog, GIVE_WAY_RECORDS) // PIECE)
         assert given_way == 2 * pieces
+
+
+async def test_a_large_flush_of_every_table_is_split_into_statements_sqlite_accepts(
+    tmp_path: Path,
+) -> None:
+    # Rows go in many to a statement; no statement may take more than 999 parameters (the
+    # lowest limit of any SQLite), whatever a table's width. Duplicates are ignored.
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
+    await store.open()
+    assert store._db is not None
+    if sys.version_info >= (3, 11):  # as an SQLite older than 3.32 would refuse more
+        store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    try:
+        n = 2 * GIVE_WAY_RECORDS + 7
+        now = time.time()
+        for i in range(n):
+            note(store, f"p{i}", i % 2)
+            store.note("comparisons", ("m", f"c{i}", "1", "2", 1, 0.1, None, None, 1.0, 2.0,
+                                       None, now))  # fmt: skip
+            store.note("review_items", ("m", f"r{i}", "low_confidence", "1", None, "{}", "{}",
+                                        None, 0.5, now))  # fmt: skip
+        note(store, "p0", 1)  # again: ignored
+        await store.flush()
+        for table in ("predictions", "comparisons", "review_items"):
+            assert await store.query(f"SELECT count(*) FROM {table}") == [(n,)]
+        assert await store.query("SELECT prediction FROM predictions WHERE request_id = 'p0'") == [
+            ("[0]",)
+        ]
+        last = f"r{n - 1}"
+        assert await store.query(
+            "SELECT status, confidence FROM review_items WHERE request_id = ?", [last]
+        ) == [("pending", 0.5)]
+    finally:
+        await store.close()
 
 
 async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path) -> None:

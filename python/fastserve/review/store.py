@@ -28,6 +28,7 @@ nothing, so a retried feedback never counts twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,7 +55,7 @@ rather than every 10 ms is 3.6 % more req/s at one connection (p99 0.35-0.36 aga
 0.36-0.43 ms) and the same at 64 (``bench/ab.py``, four rounds each)."""
 PIECE = 16
 """Records a flush turns into rows, or inserts, between two ``_give_way`` calls (the GIL
-held: ~2 µs a record to build, ~5 to insert)."""
+held: ~2 µs a record to build, ~2.5 to insert)."""
 GIVE_WAY_RECORDS = 512
 """A flush gives way between its pieces for the first this many records it builds and the
 first it inserts (one connection brings ~200 a flush), then writes straight on. A busy loop
@@ -138,16 +140,34 @@ CREATE TABLE IF NOT EXISTS promotions (
 );
 """
 
-# Observed records are (table, row) pairs, written with INSERT OR IGNORE.
-_INSERTS = {
-    "predictions": "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    "comparisons": "INSERT OR IGNORE INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+# Observed records are (table, row) pairs, written with INSERT OR IGNORE, many rows a
+# statement: one call into SQLite, which releases the GIL once for it, where
+# ``executemany`` releases and takes it back around every row. A flush of 1,000
+# predictions, rows built and inserted: 3.8-3.9 -> 3.1-3.4 µs a record (``bench/
+# request_cost.py --store`` on one core, three alternating runs); at 64 connections over
+# HTTP no change was measurable (``bench/ab.py``: 0.99x, six rounds that spread from 0.80x
+# to 1.35x).
+_COLUMNS = {
+    "predictions": "",
+    "comparisons": "",
     "review_items": (
-        "INSERT OR IGNORE INTO review_items (model, request_id, reason, version, "
-        "shadow_version, inputs, primary_answer, shadow_answer, confidence, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " (model, request_id, reason, version, shadow_version, inputs, primary_answer, "
+        "shadow_answer, confidence, created)"
     ),
 }
+_WIDTH = {"predictions": 8, "comparisons": 12, "review_items": 10}
+"""Values in a row of each table's insert."""
+_MAX_VARIABLES = 999
+"""Parameters one statement may have in any SQLite (999 before 3.32, 32,766 since): past
+``GIVE_WAY_RECORDS`` a statement inserts as many rows as that allows."""
+
+
+@functools.cache
+def _insert_sql(table: str, rows: int) -> str:
+    """INSERT OR IGNORE of ``rows`` rows into ``table`` (cached by sqlite3, by its text)."""
+    row = "(" + ", ".join("?" * _WIDTH[table]) + ")"
+    return f"INSERT OR IGNORE INTO {table}{_COLUMNS[table]} VALUES " + ", ".join([row] * rows)
+
 
 # Retention applies to everything but the promotion records, which are history.
 _RETAINED = ("predictions", "comparisons", "feedback", "review_items")
@@ -284,9 +304,12 @@ class ReviewStore:
             with _transaction(db):
                 inserted = 0
                 for table, values in rows.items():
-                    for start in range(0, len(values), PIECE):
-                        piece = values[start : start + PIECE]
-                        db.executemany(_INSERTS[table], piece)
+                    start, most = 0, _MAX_VARIABLES // _WIDTH[table]
+                    while start < len(values):
+                        size = PIECE if inserted < GIVE_WAY_RECORDS else most
+                        piece = values[start : start + size]
+                        db.execute(_insert_sql(table, len(piece)), list(chain.from_iterable(piece)))
+                        start += len(piece)
                         inserted += len(piece)
                         if inserted <= GIVE_WAY_RECORDS:
                             _give_way()
