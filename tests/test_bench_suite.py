@@ -243,3 +243,14 @@ def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
             time.sleep(0.05)
             deadline -= 1
         assert deadline, "the paused tree did not continue"
+
+
+def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
+    # a slow first round for both sides still pairs as 2x; a reference round that alone was
+    # slow shows in its own pair, and the median of the pairs stays put
+    ours = {"runs": [{"rps": 100.0}, {"rps": 400.0}, {"rps": 420.0}]}
+    ref = {"runs": [{"rps": 50.0}, {"rps": 200.0}, {"rps": 210.0}]}
+    assert suite.paired(ours, ref, "rps") == "; paired rounds 2.00x (2.00, 2.00, 2.00)"
+    ref["runs"][0]["rps"] = 25.0
+    assert suite.paired(ours, ref, "rps") == "; paired rounds 2.00x (4.00, 2.00, 2.00)"
+    assert suite.paired({"runs": []}, ref, "rps") == ""
