@@ -32,6 +32,7 @@ from models import predict, reference
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import heavy_model  # noqa: E402  (bench/ is not a package)
+import request_cost  # noqa: E402
 import suite  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
@@ -254,3 +255,33 @@ def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     ref["runs"][0]["rps"] = 25.0
     assert suite.paired(ours, ref, "rps") == "; paired rounds 2.00x (4.00, 2.00, 2.00)"
     assert suite.paired({"runs": []}, ref, "rps") == ""
+
+
+@pytest.mark.parametrize("clients", [1, 8])
+async def test_the_in_process_cost_bench_runs_and_records_every_request(
+    demo_repo: Path, tmp_path: Path, clients: int
+) -> None:
+    # bench/request_cost.py's figures are per request sent, the store's writes included:
+    # every request is answered and every prediction is written when its run returns
+    from fastserve.config import ServerConfig
+    from fastserve.server import Server
+
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo / request_cost.SMALL, repo / request_cost.SMALL)
+    row = example_rows(request_cost.SMALL, 1)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
+                     "data": row.ravel().tolist()}]}
+    ).encode()  # fmt: skip
+    server = Server(ServerConfig(repository=repo, port=0, watch="off"))
+    await server.start()
+    try:
+        cpu = await request_cost.run_clients(server, body, clients, 37)
+        model = server.registry.get(request_cost.SMALL)
+        assert model.request_stats.success == 37 and model.request_stats.fail == 0
+        assert server.review.observed_waiting() == 0
+        rows = await server.review.store.query("SELECT count(*) FROM predictions")
+        assert rows == [(37,)]
+        assert cpu > 0
+    finally:
+        await server.stop()

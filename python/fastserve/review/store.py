@@ -55,7 +55,7 @@ rather than every 10 ms is 3.6 % more req/s at one connection (p99 0.35-0.36 aga
 0.36-0.43 ms) and the same at 64 (``bench/ab.py``, four rounds each)."""
 PIECE = 16
 """Records a flush turns into rows, or inserts, between two ``_give_way`` calls (the GIL
-held: ~2 µs a record to build, ~2.5 to insert)."""
+held: some 3 µs a record to build and insert, ``bench/request_cost.py --store``)."""
 GIVE_WAY_RECORDS = 512
 """A flush gives way between its pieces for the first this many records it builds and the
 first it inserts (one connection brings ~200 a flush), then writes straight on. A busy loop
@@ -147,7 +147,7 @@ CREATE TABLE IF NOT EXISTS promotions (
 # request_cost.py --store`` on one core, three alternating runs); at 64 connections over
 # HTTP no change was measurable (``bench/ab.py``: 0.99x, six rounds that spread from 0.80x
 # to 1.35x).
-_COLUMNS = {
+_COLUMNS = {  # each table's column list in its insert ("": all of them, in order)
     "predictions": "",
     "comparisons": "",
     "review_items": (
