@@ -127,10 +127,10 @@ async def test_a_large_flush_of_every_table_is_split_into_statements_sqlite_acce
     # lowest limit of any SQLite), whatever a table's width. Duplicates are ignored.
     store = ReviewStore(tmp_path / "s.db", flush_interval_s=60)
     await store.open()
-    assert store._db is not None
-    if sys.version_info >= (3, 11):  # as an SQLite older than 3.32 would refuse more
-        store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     try:
+        assert store._db is not None
+        if sys.version_info >= (3, 11):  # as an SQLite older than 3.32 would refuse more
+            store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
         n = 2 * GIVE_WAY_RECORDS + 7
         now = time.time()
         for i in range(n):

@@ -155,17 +155,16 @@ _COLUMNS = {  # each table's column list in its insert ("": all of them, in orde
         "shadow_answer, confidence, created)"
     ),
 }
-_WIDTH = {"predictions": 8, "comparisons": 12, "review_items": 10}
-"""Values in a row of each table's insert."""
 _MAX_VARIABLES = 999
 """Parameters one statement may have in any SQLite (999 before 3.32, 32,766 since): past
 ``GIVE_WAY_RECORDS`` a statement inserts as many rows as that allows."""
 
 
 @functools.cache
-def _insert_sql(table: str, rows: int) -> str:
-    """INSERT OR IGNORE of ``rows`` rows into ``table`` (cached by sqlite3, by its text)."""
-    row = "(" + ", ".join("?" * _WIDTH[table]) + ")"
+def _insert_sql(table: str, rows: int, width: int) -> str:
+    """INSERT OR IGNORE of ``rows`` rows of ``width`` values into ``table`` (cached by
+    sqlite3, by its text)."""
+    row = "(" + ", ".join("?" * width) + ")"
     return f"INSERT OR IGNORE INTO {table}{_COLUMNS[table]} VALUES " + ", ".join([row] * rows)
 
 
@@ -304,11 +303,13 @@ class ReviewStore:
             with _transaction(db):
                 inserted = 0
                 for table, values in rows.items():
-                    start, most = 0, _MAX_VARIABLES // _WIDTH[table]
+                    width = len(values[0])  # (every row of a table has its columns)
+                    start, most = 0, _MAX_VARIABLES // width
                     while start < len(values):
                         size = PIECE if inserted < GIVE_WAY_RECORDS else most
                         piece = values[start : start + size]
-                        db.execute(_insert_sql(table, len(piece)), list(chain.from_iterable(piece)))
+                        sql = _insert_sql(table, len(piece), width)
+                        db.execute(sql, list(chain.from_iterable(piece)))
                         start += len(piece)
                         inserted += len(piece)
                         if inserted <= GIVE_WAY_RECORDS:
