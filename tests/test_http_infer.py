@@ -105,6 +105,29 @@ async def test_flat_json_data_and_requested_outputs(
     assert doc["id"]  # none given: the server made one to send feedback with
 
 
+async def test_made_ids_are_unique_and_sort_in_the_order_they_were_issued(
+    client: aiohttp.ClientSession,
+) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 30],
+                "datatype": "FP32",
+                "data": example_rows("breast_cancer", 1).ravel().tolist(),
+            }
+        ]
+    }
+    ids = []
+    for _ in range(20):  # past the first 16, where an unpadded hex counter reaches "10"
+        async with client.post("/v2/models/breast_cancer/infer", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            ids.append((await resp.json())["id"])
+    assert len(set(ids)) == len(ids)
+    assert sorted(ids) == ids  # the predictions table's key grows at its end
+    assert len({len(i) for i in ids}) == 1
+
+
 async def test_binary_tensors_in_and_out(client: aiohttp.ClientSession, demo_repo: Path) -> None:
     rows = example_rows("breast_cancer", 4)
     labels = predict(demo_repo, "breast_cancer", rows)["label"]

@@ -79,8 +79,14 @@ class ServerState:
 
     def next_request_id(self) -> str:
         """An id for a request that brought none: unique in this process (a counter) and,
-        by its random prefix, across restarts. Cheaper than a uuid4 on the hot path."""
-        return f"{self._id_prefix}-{next(self._ids):x}"
+        by its random prefix, across restarts. Cheaper than a uuid4 on the hot path.
+
+        The counter is zero-padded (12 hex digits) so that ids sort in the order they were
+        issued: the predictions table's key (model, request_id, role) then grows at its end
+        instead of splitting pages all over it. Flushes of 2,400 records into a table of
+        500,000: 1.57 -> 1.21-1.27 µs a row (unpadded against padded, one run, CPU 0).
+        """
+        return f"{self._id_prefix}-{next(self._ids):012x}"
 
     def __post_init__(self) -> None:
         secret = self.config.admin_token
