@@ -46,6 +46,8 @@ import uvloop
 import serving  # bench/serving.py
 
 SMALL = "breast_cancer"
+SETTINGS = serving.CONFIGS["batching"] + "execution: event_loop\n"
+"""The model's config.yaml: as bench/suite.py serves it."""
 
 
 async def run_clients(server: Any, body: bytes, clients: int, requests: int) -> float:
@@ -66,6 +68,12 @@ async def run_clients(server: Any, body: bytes, clients: int, requests: int) -> 
         while left > 0:
             left -= 1
             await answer_inference(state, SMALL, None, headers, given)
+            # The answer's round trip: over HTTP a client's next request arrives after the
+            # other answers of its batch are out. Without this, the first client resumed
+            # after a batch sees every other client still counted as batching, runs alone
+            # (``release_when_idle``) and, never suspending, sends all that is left by
+            # itself: batches of one request.
+            await asyncio.sleep(0)
 
     started = time.process_time()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -161,11 +169,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fastserve-cost-"))
     demo = build_demo_repository(work / "demo")
     single, quiet = work / "single", work / "quiet"  # only the model measured is loaded
-    settings = serving.CONFIGS["batching"] + "execution: event_loop\n"
     for repo, extra in ((single, ""), (quiet, "review:\n  record_predictions: false\n")):
         repo.mkdir()
         shutil.copytree(demo / SMALL, repo / SMALL)
-        (repo / SMALL / "config.yaml").write_text(settings + extra)
+        (repo / SMALL / "config.yaml").write_text(SETTINGS + extra)
 
     row = example_rows(SMALL, 1)
     body = orjson.dumps(

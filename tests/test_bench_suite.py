@@ -268,6 +268,7 @@ async def test_the_in_process_cost_bench_runs_and_records_every_request(
 
     repo = tmp_path / "repo"
     shutil.copytree(demo_repo / request_cost.SMALL, repo / request_cost.SMALL)
+    (repo / request_cost.SMALL / "config.yaml").write_text(request_cost.SETTINGS)
     row = example_rows(request_cost.SMALL, 1)
     body = json.dumps(
         {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
@@ -283,5 +284,8 @@ async def test_the_in_process_cost_bench_runs_and_records_every_request(
         rows = await server.review.store.query("SELECT count(*) FROM predictions")
         assert rows == [(37,)]
         assert cpu > 0
+        # the clients' requests share batches as over HTTP: rounds of ``clients`` requests
+        batches = model.batcher.core_stats()["batches"]
+        assert batches == 37 if clients == 1 else batches <= 37 // clients + 2
     finally:
         await server.stop()
