@@ -7,9 +7,11 @@ working tree, servers alternating, so both sides see the same machine state.
 req/s counts the time a server takes after the run to write the predictions it recorded
 (a store that falls behind does not look faster for it); records it dropped are printed.
 Both sides run on the installed native core (``fastserve._core``), so this compares Python
-changes; rebuild and compare separately when the C++ changes. On this kind of machine the
-noise between separate sessions is about ±5 %: decide on the ratio from one run of this
-script, never on figures from two.
+changes; ``--build-cores`` builds each side's own core from its C++ sources instead (about
+two minutes, needs the ``bench`` extra's pybind11), so that a C++ change is compared too.
+``--threads`` prints, for each busy thread of the server, its CPU a request and how often
+it was put on a CPU. On this kind of machine the noise between separate sessions is about
+±5 %: decide on the ratio from one run of this script, never on figures from two.
 """
 
 from __future__ import annotations
@@ -40,22 +42,58 @@ sys.exit(fastserve.cli.main(sys.argv[1:]))
 """
 
 
-def package_tree(dest: Path, revision: str | None) -> Path:
-    """A folder holding ``fastserve/`` at ``revision`` (None: the working tree) + the core."""
+def sources(dest: Path, revision: str | None, *paths: str) -> Path:
+    """``paths`` of the repository at ``revision`` (None: the working tree) under ``dest``."""
     dest.mkdir(parents=True)
     if revision is None:
-        shutil.copytree(ROOT / "python" / "fastserve", dest / "fastserve")
-    else:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", revision, "python/fastserve"],
-            check=True,
-            capture_output=True,
-        ).stdout
-        subprocess.run(
-            ["tar", "-x", "-C", str(dest), "--strip-components=1"], input=archive, check=True
-        )
-    shutil.copy(fastserve._core.__file__, dest / "fastserve")
+        for path in paths:
+            copy = shutil.copytree if (ROOT / path).is_dir() else shutil.copy
+            copy(ROOT / path, dest / path)
+        return dest
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, *paths], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
+
+
+def build_core(work: Path, revision: str | None) -> Path:
+    """The ``_core`` extension built from the C++ sources at ``revision``, CUDA off."""
+    src = sources(work / "src", revision, "CMakeLists.txt", "cpp")
+    build = work / "build"
+    configure = ["-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+    options = ["-DFASTSERVE_BUILD_PYTHON=ON", "-DFASTSERVE_CUDA=OFF"]
+    for step in (
+        [*configure, *options, f"-DPython_EXECUTABLE={sys.executable}"],
+        ["--build", str(build), "-j2", "--target", "_core"],
+    ):
+        subprocess.run(["cmake", *step], check=True, stdout=subprocess.DEVNULL)
+    (core,) = build.glob("cpp/_core*.so")
+    return core
+
+
+def package_tree(dest: Path, revision: str | None, core: Path) -> Path:
+    """A folder holding ``fastserve/`` at ``revision`` (None: the working tree) + ``core``."""
+    tree = sources(dest, revision, "python/fastserve") / "python"
+    shutil.copy(core, tree / "fastserve")
+    return tree
+
+
+def _spent(
+    before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]
+) -> dict[str, tuple[float, int]]:
+    """What each thread spent between two ``serving.thread_cpu`` readings."""
+    start = dict.fromkeys(after, (0.0, 0)) | before
+    return {k: (cpu - start[k][0], n - start[k][1]) for k, (cpu, n) in after.items()}
+
+
+def _print_threads(threads: dict[str, tuple[float, int]], requests: float, seconds: float) -> None:
+    for name, (cpu, slices) in sorted(threads.items(), key=lambda kv: -kv[1][0]):
+        if cpu * 1e6 / requests >= 0.05:  # idle threads say nothing
+            print(
+                f"    {name:28s} {cpu * 1e6 / requests:6.1f} µs a request"
+                f"  {slices / seconds:8,.0f} runs a second"
+            )
 
 
 def main() -> None:
@@ -68,6 +106,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--config", choices=sorted(serving.CONFIGS), default="batching")
     parser.add_argument("--model", choices=serving.TABULAR_MODELS, default="breast_cancer")
+    parser.add_argument(
+        "--threads", action="store_true", help="CPU a request and wake-ups of each busy thread"
+    )
+    parser.add_argument(
+        "--build-cores", action="store_true", help="each side on its own core, built here"
+    )
     args = parser.parse_args()
 
     from fastserve.demo import build_demo_repository, example_rows
@@ -81,9 +125,13 @@ def main() -> None:
         (repo / args.model / "config.yaml").write_text(serving.CONFIGS[args.config])
         body = work / "body.json"
         serving.write_body(body, example_rows(args.model, 1))
+        cores = {args.base: Path(fastserve._core.__file__), None: Path(fastserve._core.__file__)}
+        if args.build_cores:
+            print("building both cores ...", flush=True)
+            cores = {rev: build_core(work / f"core-{i}", rev) for i, rev in enumerate(cores)}
         sides = {
-            f"base ({args.base})": package_tree(work / "base", args.base),
-            "head (working tree)": package_tree(work / "head", None),
+            f"base ({args.base})": package_tree(work / "base", args.base, cores[args.base]),
+            "head (working tree)": package_tree(work / "head", None, cores[None]),
         }
         rates: dict[str, list[float]] = {side: [] for side in sides}
         for round_ in range(args.rounds):
@@ -93,9 +141,11 @@ def main() -> None:
                     url = f"{server.url}/v2/models/{args.model}/infer"
                     serving.wrk(url, body, args.connections, 1)  # warm-up
                     before = serving.observed_records(server.url) or (0, 0)
+                    threads = serving.thread_cpu(server.proc.pid)
                     result = serving.wrk(url, body, args.connections, args.duration)
                     # what the server left to write counts as part of the run
                     settled = serving.settle(server.url) or 0.0
+                    threads = _spent(threads, serving.thread_cpu(server.proc.pid))
                     dropped = (serving.observed_records(server.url) or (0, 0))[1] - before[1]
                 finally:
                     server.stop()
@@ -107,6 +157,8 @@ def main() -> None:
                     f" ms  settled in {settled:.2f} s{note}",
                     flush=True,
                 )
+                if args.threads:
+                    _print_threads(threads, result["rps"] * args.duration, args.duration)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base, head = (statistics.mean(r) for r in rates.values())

@@ -101,6 +101,22 @@ class Served:
         self.proc.wait(timeout=30)
 
 
+def thread_cpu(pid: int) -> dict[str, tuple[float, int]]:
+    """Each live thread of process ``pid``: (CPU seconds, times it was put on a CPU), from
+    ``/proc/PID/task/*/schedstat`` (nanoseconds, unlike ``stat``'s clock ticks). Keyed by
+    ``loop`` for the main thread, else by the thread's name and id."""
+    threads: dict[str, tuple[float, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran_ns, _, slices = (task / "schedstat").read_text().split()
+            name = (task / "comm").read_text().strip()
+        except (OSError, ValueError):
+            continue  # it ended meanwhile
+        key = "loop" if task.name == str(pid) else f"{name} ({task.name})"
+        threads[key] = (int(ran_ns) / 1e9, int(slices))
+    return threads
+
+
 def wait_ready(url: str, timeout_s: float = 60.0) -> bool:
     """Whether ``url``'s ``/v2/health/ready`` answered within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -33,6 +33,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import heavy_model  # noqa: E402  (bench/ is not a package)
 import request_cost  # noqa: E402
+import serving  # noqa: E402
 import suite  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
@@ -218,6 +219,35 @@ def test_server_cpu_counts_the_process_tree() -> None:
         assert parent < 0.5  # it only waits
         assert tree == pytest.approx(parent + alone, abs=0.05)
     assert suite.tree_cpu_seconds(proc.pid) == 0.0  # gone: nothing to read, no error
+
+
+def test_thread_cpu_tells_each_thread_apart() -> None:
+    """bench/ab.py --threads: the main thread is ``loop``; a thread that burns CPU is charged
+    what it burns, under its own name and id, and counted as put on a CPU."""
+    import threading
+
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=burn)
+    spinner.start()
+    try:
+        assert spinner.native_id is not None
+        name = Path(f"/proc/self/task/{spinner.native_id}/comm").read_text().strip()
+        key = f"{name} ({spinner.native_id})"
+        first = serving.thread_cpu(os.getpid())
+        assert "loop" in first and key in first
+        deadline = time.monotonic() + 20
+        while serving.thread_cpu(os.getpid())[key][0] - first[key][0] < 0.2:
+            assert time.monotonic() < deadline, "the spinning thread was charged nothing"
+            time.sleep(0.05)
+        assert serving.thread_cpu(os.getpid())[key][1] > first[key][1]
+    finally:
+        stop.set()
+        spinner.join()
 
 
 SPINNER = """
