@@ -1,6 +1,7 @@
 #include "fastserve/batcher.h"
 
 #include <fcntl.h>
+#include <sys/timerfd.h>  // Linux: ready_fd; pipe2 makes this file Linux-only already
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/prctl.h>
@@ -405,14 +406,14 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
     }
   }
   int notify[2];
-  int ready[2];
   if (::pipe2(notify, O_NONBLOCK | O_CLOEXEC) != 0) {
     throw std::system_error(errno, std::generic_category(), "fastserve: cannot create notify pipe");
   }
-  if (::pipe2(ready, O_NONBLOCK | O_CLOEXEC) != 0) {
+  const int ready = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (ready < 0) {
     const int error = errno;
     ClosePipe(notify);
-    throw std::system_error(error, std::generic_category(), "fastserve: cannot create ready pipe");
+    throw std::system_error(error, std::generic_category(), "fastserve: cannot create ready timer");
   }
   std::shared_ptr<Batcher> batcher;
   try {
@@ -420,7 +421,7 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
         std::shared_ptr<Batcher>(new Batcher(policy, ragged, std::move(transforms), notify, ready));
   } catch (...) {
     ClosePipe(notify);
-    ClosePipe(ready);
+    ::close(ready);
     throw;
   }
   // Started after construction so that it only ever sees a complete object; the destructor
@@ -430,18 +431,17 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
 }
 
 Batcher::Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, InputTransforms transforms,
-                 const int (&notify)[2], const int (&ready)[2])
+                 const int (&notify)[2], int ready)
     : policy_(policy),
       ragged_(ragged),
       transforms_(std::move(transforms)),
       rule_(policy),
       notify_read_fd_(notify[0]),
       notify_write_fd_(notify[1]),
-      ready_read_fd_(ready[0]),
-      ready_write_fd_(ready[1]),
+      ready_fd_(ready),
       levels_(static_cast<size_t>(policy.priority_levels)) {
   timer_wake_ns_ = kNever;
-  release_wake_ns_ = kNever;
+  ready_at_ns_ = kNever;
 }
 
 Batcher::~Batcher() {
@@ -455,8 +455,7 @@ Batcher::~Batcher() {
   if (timer_.joinable()) timer_.join();
   ::close(notify_read_fd_);
   ::close(notify_write_fd_);
-  ::close(ready_read_fd_);
-  ::close(ready_write_fd_);
+  ::close(ready_fd_);
 }
 
 const InputTransform* Batcher::TransformFor(size_t i, const TensorView& input) const {
@@ -679,14 +678,10 @@ std::unique_ptr<Batch> Batcher::TryNextBatch() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       puller_ = true;
-      if (ready_armed_) {
-        DrainPipe(ready_read_fd_);
-        ready_armed_ = false;
-      }
       const int64_t now = NowNs();
       ReleaseDecision decision;
       batch = ReleaseLocked(now, &decision);
-      SignalIfReadyLocked(now);  // what is left: readable again now, or a timer for its head
+      AimReadyLocked(now);  // what is left: readable again now, its head's delay, or nothing
       if (!batch) return nullptr;
     }
     if (GatherOrFail(batch.get())) return batch;
@@ -715,23 +710,31 @@ std::unique_ptr<Batch> Batcher::ReleaseLocked(int64_t now, ReleaseDecision* deci
 }
 
 void Batcher::SignalIfReadyLocked(int64_t now) {
-  if (!puller_ || ready_armed_) return;
-  ReleaseDecision decision;
-  if (DecideLocked(now, &decision)) {
-    ready_armed_ = true;
-    release_wake_ns_ = kNever;
-    WritePipe(ready_write_fd_);
-  } else if (decision.wait_ns > 0) {
-    ArmReleaseTimerLocked(now + decision.wait_ns);
-  }
+  // Readable already (or about to be): the puller's next TryNextBatch looks at the queue anew.
+  if (!puller_ || ready_at_ns_ <= now) return;
+  AimReadyLocked(now);
 }
 
-void Batcher::ArmReleaseTimerLocked(int64_t at_ns) {
-  release_wake_ns_ = at_ns;
-  if (at_ns < timer_wake_ns_) {
-    timer_wake_ns_ = at_ns;
-    timer_cv_.notify_one();
+void Batcher::AimReadyLocked(int64_t now) {
+  ReleaseDecision decision;
+  int64_t at_ns = kNever;
+  if (DecideLocked(now, &decision)) {
+    at_ns = now;
+  } else if (decision.wait_ns > 0) {
+    at_ns = now + decision.wait_ns;
   }
+  if (at_ns <= now && ready_at_ns_ <= now) return;  // fired, and rightly so: stays readable
+  if (at_ns == ready_at_ns_) return;                // the head has not changed
+  // A time already passed fires at once; an it_value of zero disarms. Setting the timer also
+  // clears a past expiry, so a fired timer aimed later is no longer readable. It cannot fail:
+  // the fd is ours and the values are in range.
+  itimerspec spec{};
+  if (at_ns != kNever) {
+    spec.it_value.tv_sec = static_cast<time_t>(at_ns / 1'000'000'000);
+    spec.it_value.tv_nsec = static_cast<long>(at_ns % 1'000'000'000);
+  }
+  ::timerfd_settime(ready_fd_, TFD_TIMER_ABSTIME, &spec, nullptr);
+  ready_at_ns_ = at_ns;
 }
 
 void Batcher::Poll(std::vector<Completion>* out, int64_t timeout_ms) {
@@ -806,10 +809,13 @@ BatcherStats Batcher::stats() const {
 
 void Batcher::TimerLoop() {
   TightenTimerSlack();
+#ifdef __linux__
+  ::prctl(PR_SET_NAME, "fastserve-timer", 0UL, 0UL, 0UL);  // for top -H, py-spy, bench/ab.py
+#endif
   std::vector<Completion> expired;
   std::unique_lock<std::mutex> lock(mu_);
   while (!shutdown_) {
-    const int64_t next = std::min(NextDeadlineLocked(), release_wake_ns_);
+    const int64_t next = NextDeadlineLocked();
     timer_wake_ns_ = next;
     if (next == kNever) {
       timer_cv_.wait(lock);
@@ -820,20 +826,16 @@ void Batcher::TimerLoop() {
     if (shutdown_) break;
     const int64_t now = NowNs();
     ExpireLocked(now, &expired);
-    const bool head_may_change = !expired.empty();
-    if (head_may_change) {
-      // The head may have changed, and with it what a waiting worker should do.
+    if (!expired.empty()) {
+      // The head may have changed, and with it what a waiting worker or the puller should do.
       if (waiters_ > 0) cv_.notify_one();
+      SignalIfReadyLocked(now);
       try {
         PushCompletions(&expired);
       } catch (...) {
         // Out of memory: the expired requests are lost to the poller, but the timer lives on.
       }
       expired.clear();
-    }
-    if (head_may_change || release_wake_ns_ <= now) {
-      release_wake_ns_ = kNever;
-      SignalIfReadyLocked(now);
     }
   }
 }

@@ -3,8 +3,9 @@
 //
 // Threads: any number of submitters, workers (NextBatch, then Batch::Complete/Fail) and pollers;
 // or, instead of workers, one puller (an event loop) that calls TryNextBatch when ready_fd is
-// readable. One internal timer thread expires deadlines and tells the puller when the delay of
-// the queue's head has passed. No call throws across threads: a worker's error
+// readable. ready_fd is a Linux timerfd aimed at when the next batch can be released (now, or
+// when the head's delay passes), so the kernel wakes the puller itself. One internal timer
+// thread expires deadlines. No call throws across threads: a worker's error
 // reaches the requests of its batch as a Completion with status kError.
 #ifndef FASTSERVE_BATCHER_H_
 #define FASTSERVE_BATCHER_H_
@@ -200,10 +201,11 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // For an event loop that runs batches itself, with no worker thread: the batch the policy
   // releases now, or nullptr. Never blocks. From the first call on, ready_fd() turns readable
   // whenever a batch can be released (a Submit fills one, the head's delay passes, Stop or
-  // Hold opens the queue) and stays so until the next call, which drains it.
+  // Hold opens the queue) and stays so until the next call, which re-aims it at what is left.
   std::unique_ptr<Batch> TryNextBatch();
-  // Read end of a non-blocking pipe: "call TryNextBatch" (one byte per wake-up, coalesced).
-  int ready_fd() const { return ready_read_fd_; }
+  // A non-blocking timerfd, readable when TryNextBatch has a batch to give; poll it, never
+  // read it (TryNextBatch clears it).
+  int ready_fd() const { return ready_fd_; }
 
   // Moves the completions not yet returned into *out (cleared first). timeout_ms > 0: waits up
   // to that long for at least one. Drains the notify pipe first.
@@ -236,7 +238,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   };
 
   Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, InputTransforms transforms,
-          const int (&notify)[2], const int (&ready)[2]);
+          const int (&notify)[2], int ready);
   // The transform a request's input i gets, or nullptr (none declared, or another dtype).
   const InputTransform* TransformFor(size_t i, const TensorView& input) const;
   // Position of input i in ragged_.inputs, or -1 when it is not ragged.
@@ -247,9 +249,12 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   static bool GatherOrFail(Batch* batch);
   // Extracts the batch the policy releases now, if any, after expiring deadlines.
   std::unique_ptr<Batch> ReleaseLocked(int64_t now, ReleaseDecision* decision);
-  // For a puller: write ready_fd if a batch can be released now, else make the timer thread
-  // wake when the head's delay passes.
+  // For a puller, after the queue changed: unless ready_fd is readable already, aim it.
   void SignalIfReadyLocked(int64_t now);
+  // Aims ready_fd at when the queue as it is can release a batch: now, when the head's delay
+  // passes, or never (disarmed). A timer that has fired stays readable only if a batch can
+  // be released now.
+  void AimReadyLocked(int64_t now);
 
   // mu_ must be held by the callers of these.
   void ExpireLocked(int64_t now, std::vector<Completion>* expired);
@@ -267,7 +272,6 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
 
   // Takes cmu_; may be called with or without mu_ held (lock order: mu_ before cmu_).
   void PushCompletions(std::vector<Completion>* items);
-  void ArmReleaseTimerLocked(int64_t at_ns);  // mu_ held: wake the timer thread by at_ns
 
   const BatchPolicy policy_;
   const RaggedSpec ragged_;
@@ -275,8 +279,7 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   const ReleaseRule rule_;
   const int notify_read_fd_;
   const int notify_write_fd_;
-  const int ready_read_fd_;
-  const int ready_write_fd_;
+  const int ready_fd_;  // timerfd on CLOCK_MONOTONIC, which is NowNs()'s clock
 
   mutable std::mutex mu_;
   std::condition_variable cv_;        // workers in NextBatch wait here
@@ -290,10 +293,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   int waiters_ = 0;  // workers blocked in NextBatch
   uint64_t next_request_id_ = 1;
   uint64_t next_batch_id_ = 1;
-  int64_t timer_wake_ns_ = 0;    // deadline the timer thread sleeps toward
-  bool puller_ = false;          // TryNextBatch was called: keep ready_fd up to date
-  bool ready_armed_ = false;     // a byte is in the ready pipe
-  int64_t release_wake_ns_ = 0;  // when the head's delay passes, for a puller (kNever: none)
+  int64_t timer_wake_ns_ = 0;  // deadline the timer thread sleeps toward
+  bool puller_ = false;        // TryNextBatch was called: keep ready_fd up to date
+  int64_t ready_at_ns_ = 0;    // when ready_fd fires (kNever: disarmed; <= now: readable)
   std::vector<batcher_internal::RequestList> levels_;  // arrival order per priority level
   std::unordered_map<std::string, std::unique_ptr<Group>> groups_;  // by shape key
   std::vector<DeadlineEntry> deadlines_;  // min-heap; entries of released requests are stale

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -561,6 +563,96 @@ TEST(BatcherTest, AnExpiredHeadMovesThePullersTimerToTheNextHead) {
   ASSERT_EQ(done.size(), 2u);
   EXPECT_EQ(done[0].id, doomed.id);
   EXPECT_EQ(done[0].status, CompletionStatus::kTimeout);
+}
+
+TEST(BatcherTest, AfterAFullBatchOnlyTheNextHeadsDelayWakesThePuller) {
+  constexpr int64_t kDelayUs = 200'000;
+  auto b = Batcher::Create(Policy(2, kDelayUs));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  MustSubmit(*b, inputs, 1, 0);  // ready_fd aimed at its delay
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  MustSubmit(*b, inputs, 1, 1);  // full: released long before that delay
+  auto full = b->TryNextBatch();
+  ASSERT_NE(full, nullptr);
+  EXPECT_EQ(full->reason(), ReleaseReason::kFull);
+  full->Fail("done");
+  const auto next_submitted = std::chrono::steady_clock::now();
+  MustSubmit(*b, inputs, 1, 2);
+  // The first request's delay passes ~100 ms from now: the puller must not be woken for it.
+  const auto quiet_until = next_submitted + std::chrono::microseconds(kDelayUs - 50'000);
+  const auto quiet_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            quiet_until - std::chrono::steady_clock::now())
+                            .count();
+  EXPECT_FALSE(ReadableWithin(ready, static_cast<int>(std::max<int64_t>(quiet_ms, 0))));
+  ASSERT_TRUE(ReadableWithin(ready, 3000));
+  EXPECT_GE(std::chrono::steady_clock::now() - next_submitted, std::chrono::microseconds(kDelayUs));
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+  EXPECT_FALSE(Readable(ready));  // nothing left: disarmed
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  batch->Fail("done");
+}
+
+TEST(BatcherTest, ACallThatFindsNoBatchLeavesReadyFdAimedAtTheHead) {
+  constexpr int64_t kDelayUs = 50'000;
+  auto b = Batcher::Create(Policy(8, kDelayUs));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  MustSubmit(*b, inputs, 1, 0);
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // the first call aims it
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // and a second, early, one keeps it aimed
+  EXPECT_FALSE(Readable(ready));
+  ASSERT_TRUE(ReadableWithin(ready, 3000));
+  EXPECT_TRUE(Readable(ready));  // stays readable until the batch is taken
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+  EXPECT_FALSE(Readable(ready));
+  batch->Fail("done");
+}
+
+// How many times the batcher's timer thread has been put on a CPU (the third field of its
+// /proc schedstat); -1 when no thread of this process is named fastserve-timer, or more than
+// one is (then the count would not be this batcher's).
+int64_t TimerThreadRuns() {
+  int64_t runs = -1;
+  int found = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name != "fastserve-timer") continue;
+    std::ifstream stat(task.path() / "schedstat");
+    int64_t ran_ns = 0, waited_ns = 0;
+    stat >> ran_ns >> waited_ns >> runs;
+    ++found;
+  }
+  return found == 1 ? runs : -1;
+}
+
+TEST(BatcherTest, ThePullersDelayReleasesLeaveTheTimerThreadAsleep) {
+  // The kernel wakes the puller when a head's delay passes (ready_fd is a timerfd): the
+  // timer thread, there for deadlines, has no part in it and never runs.
+  auto b = Batcher::Create(Policy(8, /*delay_us=*/1'000));
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // it has started and waits
+  const int64_t before = TimerThreadRuns();
+  ASSERT_GE(before, 0) << "cannot find the timer thread in /proc/self/task";
+  constexpr int kBatches = 20;
+  for (int i = 0; i < kBatches; ++i) {
+    MustSubmit(*b, inputs, 1, static_cast<float>(i));
+    ASSERT_TRUE(ReadableWithin(ready, 3000));
+    auto batch = b->TryNextBatch();
+    ASSERT_NE(batch, nullptr);
+    EXPECT_EQ(batch->reason(), ReleaseReason::kDelay);
+    batch->Fail("done");
+  }
+  EXPECT_EQ(TimerThreadRuns(), before);
 }
 
 TEST(BatcherTest, InvalidSubmitsAreRejected) {

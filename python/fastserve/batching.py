@@ -13,9 +13,10 @@ buffer by the core and run in one of two ways:
     interpreter's switch interval (5 ms) whenever the loop is busy.
 ``event_loop``
     The loop runs the batches itself: when the core's ``ready_fd`` says a batch can be
-    released (it filled, or the head's delay passed: the core's timer thread tells), the
-    loop takes it with ``try_next_batch()`` and runs the backend inline. No thread waits
-    for the GIL, and no thread switch happens between a request and its batch.
+    released (it filled, or the head's delay passed: ``ready_fd`` is a timerfd aimed at
+    that moment, so the kernel wakes the loop), the loop takes it with ``try_next_batch()``
+    and runs the backend inline. No thread waits for the GIL, and no thread switch happens
+    between a request and its batch.
 
     A request that nothing can join (``last``: every client waits) and finds the queue
     empty is a batch of one as it stands: the loop runs the backend on the request's own
@@ -188,8 +189,8 @@ class ModelBatcher:
         ):
             # This request made a batch that nothing more can join (it is full, or no one
             # else can send): run it now, answering this future before it is awaited, with
-            # no trip through the ready pipe. A batch released by its delay still waits for
-            # the pipe, so that the loop first reads what the sockets hold into it.
+            # no trip through ready_fd. A batch released by its delay still waits for
+            # ready_fd, so that the loop first reads what the sockets hold into it.
             self._run_ready()
         completion = await future
         status = completion.status
