@@ -470,12 +470,12 @@ TEST(BatcherTest, TryNextBatchNeverBlocksAndReadyFdSaysWhenABatchFills) {
   EXPECT_EQ(batch->reason(), ReleaseReason::kFull);
   EXPECT_EQ(batch->rows(), 4);
   EXPECT_EQ(batch->inputs().size(), 1u);
-  EXPECT_FALSE(Readable(ready));  // drained by the call that found the batch
+  EXPECT_FALSE(Readable(ready));  // the call that found the batch re-aimed it: nothing left
   EXPECT_EQ(b->TryNextBatch(), nullptr);
   batch->Fail("done");
 }
 
-TEST(BatcherTest, ReadyFdIsWrittenOnceTheHeadDelayPasses) {
+TEST(BatcherTest, ReadyFdFiresOnceTheHeadDelayPasses) {
   constexpr int64_t kDelayUs = 30'000;
   auto b = Batcher::Create(Policy(8, kDelayUs));
   const int ready = b->ready_fd();
