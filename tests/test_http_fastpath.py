@@ -116,6 +116,38 @@ async def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
         conn.close()
 
 
+async def test_no_request_becomes_a_task_of_its_own(server: Server) -> None:
+    """The fast path drives each request's coroutine itself (``Connection._drive``): none
+    is wrapped in a task, whether it is answered in the turn that read it (alone on its
+    connection) or waits on a batch (requests on several connections at once)."""
+    loop = asyncio.get_running_loop()
+    default = loop.get_task_factory()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__qualname__", repr(coro)))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    clients = [await RawClient.open(server) for _ in range(9)]
+    loop.set_task_factory(factory)
+    try:
+        alone, others = clients[0], clients[1:]
+        await alone.send(infer_request([1, 2, 3, 4], "alone"))
+        (answer,) = await alone.answers_until(1)
+        assert sums(answer) == [2.0, 3.0, 4.0, 5.0]
+        for i, client in enumerate(others):
+            client.writer.write(infer_request([i, i, i, i], f"c{i}"))
+        answers = await asyncio.gather(*(client.answers_until(1) for client in others))
+        assert [a[0].json()["id"] for a in answers] == [f"c{i}" for i in range(8)]
+        assert [sums(a[0]) for a in answers] == [[i + 1.0] * 4 for i in range(8)]
+    finally:
+        loop.set_task_factory(default)
+        for client in clients:
+            client.close()
+    assert made, "the task factory saw nothing: the test's own tasks should be there"
+    assert not [name for name in made if "_infer" in name or "_drive" in name]
+
+
 async def test_a_connection_handed_to_aiohttp_keeps_its_order_and_is_served(
     server: Server,
 ) -> None:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http
 import logging
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -165,8 +166,6 @@ class Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._parser: httptools.HttpRequestParser | None = None
         self._keep_alive = True
-        self.task: asyncio.Task[None] | None = None
-        """The inference in progress (held: the loop keeps only weak references)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -331,13 +330,36 @@ class Connection(asyncio.Protocol):
     def _answer(self, head: _Head, body: bytes) -> None:
         if head.read is None:
             self.busy = True
-            self.task = self.fast.loop.create_task(self._infer(head, body))
+            self._drive(self._infer(head, body))
             return
         try:
             response = head.read(self.fast.state, head.model, head.version)
         except Exception as exc:
             response = http_errors.error_for(exc, head.method, head.path)
         self._respond(head, response)
+
+    def _drive(self, coro: Coroutine[Any, Any, None], _done: object = None) -> None:
+        """Run the request's coroutine now, up to its next wait, and again each time what
+        it waits on is done, without a task (as Python 3.12's eager tasks start one).
+
+        A request run alone (one connection) never waits: it is answered in the turn of
+        the loop that read it, with no task to create and no second turn. One that waits
+        on its batch resumes from the future's callback, as a task's wake-up would. The
+        request path therefore runs outside any task: it must not need
+        ``asyncio.current_task()`` (``asyncio.timeout`` does; ``wait_for`` does from 3.12),
+        and it handles its own errors (``_infer`` answers every exception).
+        """
+        try:
+            waited = coro.send(None)
+        except StopIteration:
+            return
+        if waited is None:  # a bare yield (``asyncio.sleep(0)``): on the next turn
+            self.fast.loop.call_soon(self._drive, coro)
+            return
+        # a future awaited (``Future.__await__`` yields it): resumed once it is done
+        assert asyncio.isfuture(waited), f"the request path waited on {waited!r}"
+        waited._asyncio_future_blocking = False
+        waited.add_done_callback(functools.partial(self._drive, coro))
 
     async def _infer(self, head: _Head, body: bytes) -> None:
         headers = head.headers
@@ -358,7 +380,6 @@ class Connection(asyncio.Protocol):
             later = self._write(head, 200, answer.items(), payload, close=False, compress=True,
                                 later=True)  # fmt: skip
         finally:
-            self.task = None
             if not later:
                 self._next()
 
