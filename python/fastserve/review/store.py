@@ -413,6 +413,10 @@ def _give_way() -> None:
     loop then waited out most of each flush: at one connection the requests that overlapped
     one were the slowest 1 %. ``sched_yield`` hands the core over: p99 at one connection
     0.85-0.98 -> 0.42-0.46 ms, the same req/s (``bench/ab.py --connections 1``, four rounds).
+    What it costs depends on the machine's state: in a slow hour of this VM (2026-12-07)
+    writing straight on gave 1.12x the requests a second at one connection and the store's
+    thread ran ~40 times a second instead of ~900 (``bench/ab.py --threads``, three rounds,
+    1.08-1.14x each), while giving way only after 0.2 ms of work gave 0.93x in a faster one.
     """
     _yield_core()
 
