@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -224,8 +225,6 @@ def test_server_cpu_counts_the_process_tree() -> None:
 def test_thread_cpu_tells_each_thread_apart() -> None:
     """bench/ab.py --threads: the main thread is ``loop``; a thread that burns CPU is charged
     what it burns, under its own name and id, and counted as put on a CPU."""
-    import threading
-
     stop = threading.Event()
 
     def burn() -> None:
