@@ -10,9 +10,10 @@ table and the targets block (each target: the ratio, the bound, met or MISSED).
 What runs (the default; about 22 minutes with four peers installed, 15 without):
 
 - headline: the small model (demo ``breast_cancer``, ~5 µs a call), one row, JSON, closed
-  loop at 1, 8, 32, 64 and 128 connections, against every server: fastserve, the HTTP-stack
-  ceiling, the plain one-at-a-time aiohttp+onnxruntime server, the same with a pure-Python
-  batcher (bench/baselines.py), and each peer bench/peers.py can start (MLServer, PyTriton,
+  loop at 1, 8, 32, 64 and 128 connections, against every server: fastserve (also lean, and
+  with busy polling off, ``--busy-poll-us 0``), the HTTP-stack ceiling, the llhttp one, the
+  plain one-at-a-time aiohttp+onnxruntime server, the same with a pure-Python batcher
+  (bench/baselines.py), and each peer bench/peers.py can start (MLServer, PyTriton,
   KServe, BentoML; a peer that cannot run is listed with its reason).
 - encodings: fastserve alone, small model, 64 connections: JSON, binary tensors (both ways)
   and msgpack bodies of 1, 16 and 64 rows (64 x 30 = 1,920 floats).
@@ -97,6 +98,7 @@ SETTLE_FLAG_S = 0.25
 """A run after which fastserve took longer than this to write what it had recorded (one
 flush is ≤ 50 ms) deferred work: its req/s flatters it, so the table says so."""
 FASTSERVE_LEAN = "fastserve, lean (no prediction recording, no monitoring)"
+FASTSERVE_NO_POLL = "fastserve, no busy polling (--busy-poll-us 0)"
 HTTP_CEILING = "HTTP-stack ceiling"
 LLHTTP_CEILING = "HTTP-stack ceiling, llhttp (fastserve's fast path)"
 PLAIN = "plain, one at a time"
@@ -917,7 +919,9 @@ def run_suite(args: argparse.Namespace, matrix: Matrix) -> dict[str, Any]:
         bench.targets.append(FastserveTarget(repo))
         if "headline" in groups:
             lean = FastserveTarget(work / "lean", FASTSERVE_LEAN, ["--no-monitoring"])
-            bench.targets.append(lean)
+            # as shipped but sleeping as soon as it is idle: what busy polling buys, and costs
+            no_poll = ["--busy-poll-us", "0", "--state-db", str(work / "no-poll-state.db")]
+            bench.targets += [lean, FastserveTarget(repo, FASTSERVE_NO_POLL, no_poll)]
         bench.targets += [
             BaselineTarget(HTTP_CEILING, "ceiling", SMALL, small_file),
             BaselineTarget(LLHTTP_CEILING, "ceiling-llhttp", SMALL, small_file),
@@ -1046,7 +1050,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(Verdict("small model vs others", "headline not measured", None))
     else:
         fs = ours["median"]
-        local = {FASTSERVE, FASTSERVE_LEAN, HTTP_CEILING, LLHTTP_CEILING, PLAIN, PYBATCH}
+        local = {
+            FASTSERVE, FASTSERVE_LEAN, FASTSERVE_NO_POLL, HTTP_CEILING, LLHTTP_CEILING, PLAIN,
+            PYBATCH,
+        }  # fmt: skip
         others = [
             c for c in results["cases"]
             if c["group"] == "headline" and c.get("connections") == 64 and c["server"] not in local

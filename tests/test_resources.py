@@ -44,17 +44,20 @@ async def test_memory_is_flat_and_nothing_is_left_pending(
     model = server.registry.get("adder")
     await traffic(client, 3000)  # warm-up: allocator arenas, caches, connection pool
     rounds = []
-    for _ in range(5):
+    for _ in range(8):
         await traffic(client, 3000)
         rounds.append(rss_bytes())
     # two more rounds of warm-up: a fresh-clone CI run once saw RSS step by 6.6 MiB between
     # its first readings (534,652 -> 541,388 KiB), which a local run never showed
     rounds = rounds[2:]
-    growth = rounds[-1] - rounds[0]
-    # 6,000 requests between the first and last reading (measured growth: a few KiB): a
-    # leak of 170 bytes per request would show
-    assert growth < 1024 * 1024, [r // 1024 for r in rounds]
+    steps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
+    # A leak grows RSS in every round, a one-time allocation (an allocator arena: once
+    # 5.6 MiB between two later readings in a full local run, then flat) in one: leave the
+    # largest step out. 15,000 requests over the five steps (measured growth: a few KiB
+    # over 30,000): a leak of 170 bytes per request would still show.
+    steady = sum(steps) - max(steps)
+    assert steady < 1024 * 1024, [r // 1024 for r in rounds]
     assert model.batcher.queue_depth == 0
     assert not model.batcher._pending
     stats = model.batcher.core_stats()
-    assert stats["submitted"] == stats["completed"] == 18_000
+    assert stats["submitted"] == stats["completed"] == 27_000

@@ -70,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
             admin_token=_admin_token(args.admin_token_file),
             state_db=args.state_db,
             retention_days=args.retention_days,
+            busy_poll_us=args.busy_poll_us,
             monitoring=args.monitoring,
             alert_webhook=args.alert_webhook,
             alert_interval_s=args.alert_interval,
@@ -148,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--retention-days", type=float, default=7.0, help="keep records this long (default 7)"
+    )
+    serve.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=200,
+        help="once idle, poll for the next request for up to this many µs before "
+        "sleeping; adapts to the traffic (default 200, 0: off)",
     )
     serve.add_argument(
         "--no-monitoring",

@@ -493,6 +493,12 @@ class ServerConfig(_Strict):
     """The SQLite file of predictions, shadow comparisons, feedback, review items and
     promotion records. None: ``REPO-state.db`` beside the repository folder REPO."""
     retention_days: float = Field(7.0, gt=0, le=3650)
+    """Records older than this are deleted (promotion records are kept)."""
+    busy_poll_us: int = Field(200, ge=0, le=10_000)
+    """Once the last request in flight is answered, the event loop polls rather than sleeps
+    for up to this long, so that a request that follows at once finds it running
+    (``fastserve.http.busypoll``; the window adapts to the traffic and closes when requests
+    trickle in). 0: sleep at once."""
     monitoring: bool = True
     """Time each request's stages and count live inputs for drift (False: neither; the
     counters Triton's statistics route reports are kept either way)."""
@@ -501,7 +507,6 @@ class ServerConfig(_Strict):
     without Alertmanager. None: off."""
     alert_interval_s: float = Field(30.0, gt=0, le=3600)
     """How often those alerts are evaluated."""
-    """Records older than this are deleted (promotion records are kept)."""
 
     @property
     def state_path(self) -> Path:

@@ -15,7 +15,11 @@ from fastserve.http.app import ServerState, create_server
 from fastserve.http.fastpath import FastPath
 from fastserve.http.listener import Listener
 from fastserve.monitoring.alerter import Alerter
-from fastserve.monitoring.serving import RecordingCollector, ServingCollector
+from fastserve.monitoring.serving import (
+    BusyPollCollector,
+    RecordingCollector,
+    ServingCollector,
+)
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.review.store import ReviewStore
@@ -54,6 +58,9 @@ class Server:
         )
         self._runner: web.ServerRunner | None = None
         self._fast: FastPath | None = None
+        self.registry.metrics.registry.register(
+            BusyPollCollector(lambda: self._fast.poll if self._fast is not None else None)
+        )
         self._listener: Listener | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()

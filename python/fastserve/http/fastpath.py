@@ -19,6 +19,10 @@ Requests on one connection are answered one at a time, in order (pipelined reque
 wait in the buffer). Bounds: a connection with no complete head ``idle_timeout_s`` after
 it opened or after its last answer is closed, as aiohttp's keep-alive timer does; a body
 not received within ``body_timeout_s`` of its head gets 408 and the connection is closed.
+
+When its last request in flight is answered the loop polls instead of sleeping for a
+short, adaptive window (``busy_poll_us``, see ``fastserve.http.busypoll``), so that a
+request that follows at once finds the loop, and the core, still running.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from fastserve.http.app import (
     resolve,
 )
 from fastserve.http.body import decompress
+from fastserve.http.busypoll import BusyPoll
 
 log = logging.getLogger("fastserve.http")
 
@@ -102,6 +107,7 @@ class FastPath:
         """Bounds are checked every tick: they hold to a tick's precision."""
         self._timer: asyncio.TimerHandle | None = None
         self.outbox: list[tuple[Connection, bytes]] = []
+        self.poll = BusyPoll(self.loop, config.busy_poll_us)
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -139,6 +145,7 @@ class FastPath:
 
     def close(self) -> None:
         """Stop the clock and close every connection still here (after the drain)."""
+        self.poll.stop()
         if self._timer is not None:
             self._timer.cancel()
         for connection in list(self.connections):
@@ -180,6 +187,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done:
             return  # a 408 lingering: dropped
+        self.fast.poll.arrived()
         self.buffer += data
         if not self.busy:
             self._serve()
@@ -393,6 +401,8 @@ class Connection(asyncio.Protocol):
         """The answer is written: serve what arrived meanwhile."""
         self.busy = False
         self.since = self.fast.loop.time()
+        if not self.fast.state.inflight:
+            self.fast.poll.idle()
         if not self.done:
             self._serve()
             self._read_on()

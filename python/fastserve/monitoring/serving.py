@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from fastserve.stats import RELEASE_REASONS, STAGES
 
 if TYPE_CHECKING:
+    from fastserve.http.busypoll import BusyPoll
     from fastserve.model import ServedModel
 
 OUTCOMES: Final = ("success", "rejected", "timeout", "invalid", "error")
@@ -140,6 +141,35 @@ class RecordingCollector(Collector):
         )
         dropped.add_metric([], self._dropped())
         yield from (waiting, dropped)
+
+
+class BusyPollCollector(Collector):
+    """The event loop's busy-poll window after answers (``fastserve.http.busypoll``)."""
+
+    def __init__(self, poll: Callable[[], BusyPoll | None]) -> None:
+        self._poll = poll
+
+    def collect(self) -> Iterator[Metric]:
+        poll = self._poll()
+        if poll is None:
+            return  # not listening yet
+        window = GaugeMetricFamily(
+            "fastserve_busy_poll_window_seconds",
+            "How long the event loop now polls for the next request, once idle, before it "
+            "sleeps (adapts between 0 and --busy-poll-us).",
+        )
+        window.add_metric([], poll.window_ns / 1e9)
+        pauses = CounterMetricFamily(
+            "fastserve_busy_poll_pauses",
+            "Pauses between the server going idle and the next request: caught (within the "
+            "window, the "
+            "loop still polling), short (past it, within --busy-poll-us: the window grows), "
+            "long (past --busy-poll-us: it shrinks).",
+            labels=["pause"],
+        )
+        for kind, count in poll.pauses.items():
+            pauses.add_metric([kind], count)
+        yield from (window, pauses)
 
 
 def _size_buckets(snapshot: list[tuple[int, int, int]]) -> tuple[list[tuple[str, int]], int]:
