@@ -286,9 +286,9 @@ def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     assert suite.paired({"runs": []}, ref, "rps") == ""
 
 
-@pytest.mark.parametrize("clients", [1, 8])
+@pytest.mark.parametrize(("clients", "idle_us"), [(1, 0), (8, 0), (1, 2000)])
 async def test_the_in_process_cost_bench_runs_and_records_every_request(
-    demo_repo: Path, tmp_path: Path, clients: int
+    demo_repo: Path, tmp_path: Path, clients: int, idle_us: int
 ) -> None:
     # bench/request_cost.py's figures are per request sent, the store's writes included:
     # every request is answered and every prediction is written when its run returns
@@ -306,7 +306,10 @@ async def test_the_in_process_cost_bench_runs_and_records_every_request(
     server = Server(ServerConfig(repository=repo, port=0, watch="off"))
     await server.start()
     try:
-        cpu = await request_cost.run_clients(server, body, clients, 37)
+        started = time.monotonic()
+        cpu = await request_cost.run_clients(server, body, clients, 37, idle_us)
+        # --idle-us: the thread slept after each request (a sleep never ends early)
+        assert time.monotonic() - started >= 37 * idle_us / 1e6
         model = server.registry.get(request_cost.SMALL)
         assert model.request_stats.success == 37 and model.request_stats.fail == 0
         assert server.review.observed_waiting() == 0

@@ -144,7 +144,7 @@ class RecordingCollector(Collector):
 
 
 class BusyPollCollector(Collector):
-    """The event loop's busy-poll window after answers (``fastserve.http.busypoll``)."""
+    """The event loop's busy polling once idle (``fastserve.http.busypoll``)."""
 
     def __init__(self, poll: Callable[[], BusyPoll | None]) -> None:
         self._poll = poll
@@ -162,9 +162,8 @@ class BusyPollCollector(Collector):
         pauses = CounterMetricFamily(
             "fastserve_busy_poll_pauses",
             "Pauses between the server going idle and the next request: caught (within the "
-            "window, the "
-            "loop still polling), short (past it, within --busy-poll-us: the window grows), "
-            "long (past --busy-poll-us: it shrinks).",
+            "window, the loop still polling), short (past it, within --busy-poll-us: the "
+            "window grows), long (past --busy-poll-us: it shrinks).",
             labels=["pause"],
         )
         for kind, count in poll.pauses.items():
