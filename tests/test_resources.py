@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 
 import aiohttp
@@ -50,7 +51,7 @@ async def test_memory_is_flat_and_nothing_is_left_pending(
     # two more rounds of warm-up: a fresh-clone CI run once saw RSS step by 6.6 MiB between
     # its first readings (534,652 -> 541,388 KiB), which a local run never showed
     rounds = rounds[2:]
-    steps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(rounds)]
     # A leak grows RSS in every round, a one-time allocation (an allocator arena: once
     # 5.6 MiB between two later readings in a full local run, then flat) in one: leave the
     # largest step out. 15,000 requests over the five steps (measured growth: a few KiB
