@@ -6,7 +6,7 @@ core, the CPU too: on a virtual machine the vCPU halts and leaves to the hypervi
 next request pays for the way back, twice: the wake-up itself, and a request path that
 runs from cold caches (on this project's 2-core VM, where the guest's own halt-polling is
 off, a request that follows 200 µs of sleep costs 250-290 µs of CPU in-process against
-85-117 µs back to back: ``bench/request_cost.py`` with a sleep between requests). Keeping
+85-117 µs back to back: ``bench/request_cost.py --clients 1 --idle-us 200``). Keeping
 the loop turning (``epoll_wait`` with a zero timeout) for a short window after that answer
 catches a request that follows quickly on a core that is still running: what Linux's
 ``SO_BUSY_POLL`` and its guest ``haltpoll`` idle driver do below the process, done here
