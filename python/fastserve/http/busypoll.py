@@ -23,9 +23,10 @@ in with long pauses closes it, and an idle server never spins.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
+
+from fastserve.cores import yield_core
 
 GROW_START_NS = 50_000
 """The window a closed one reopens at, and below which a halved one closes (haltpoll's
@@ -94,13 +95,10 @@ class BusyPoll:
         # A callback ready to run makes the loop poll with a zero timeout; rescheduling this
         # one keeps it from blocking until the window closes.
         if self.clock() < self._until:
-            _yield_core()
+            # the GIL and the core to any other thread that is ready (the review store's
+            # writer): without it a writer waiting for the GIL got it only when its switch
+            # interval (5 ms) forced a hand-over
+            yield_core()
             self.loop.call_soon(self._spin)
         else:
             self.spinning = False
-
-
-# The GIL and the core to any other thread that is ready to run (the review store's writer,
-# a request's worker), so that spinning delays no one: without it a writer waiting for the
-# GIL got it only when its switch interval (5 ms) forced a hand-over.
-_yield_core: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))

@@ -31,7 +31,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -42,6 +41,8 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
+
+from fastserve.cores import yield_core
 
 log = logging.getLogger("fastserve.review")
 
@@ -418,11 +419,7 @@ def _give_way() -> None:
     thread ran ~40 times a second instead of ~900 (``bench/ab.py --threads``, three rounds,
     1.08-1.14x each), while giving way only after 0.2 ms of work gave 0.93x in a faster one.
     """
-    _yield_core()
-
-
-# releases the GIL, and the core to a runnable thread (Windows has no sched_yield)
-_yield_core: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
+    yield_core()
 
 
 @contextmanager
