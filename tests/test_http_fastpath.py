@@ -307,3 +307,27 @@ async def test_a_client_far_ahead_of_its_answers_is_not_read_from_meanwhile(
         await asyncio.wait_for(conn.writer.drain(), 10)
     finally:
         conn.close()
+
+
+async def test_remembered_routes_and_heads_stay_bounded_and_right(server: Server) -> None:
+    """Request lines' routes and answers' heads are remembered, each up to a bound: past
+    it, every request is still resolved and answered as before."""
+    from fastserve.http import fastpath
+
+    fast = server.state.fast
+    assert fast is not None
+    conn = await RawClient.open(server)
+    distinct = fastpath._ROUTES_KEPT + 20
+    for start in range(0, distinct, 200):
+        batch = range(start, min(start + 200, distinct))
+        await conn.send(b"".join(get(b"/v2/models/nobody%d/ready" % i) for i in batch))
+    answers = await conn.answers_until(distinct)
+    assert {a.status for a in answers} == {404}
+    assert all(b"nobody" in a.body for a in answers[-20:])  # resolved past the bound
+    # the same line under another method has its own route: this one goes to aiohttp
+    await conn.send(get(b"/v2/models/adder/ready") + get(b"/v2/models/adder/ready", b"DELETE"))
+    got, other = (await conn.answers_until(distinct + 2))[-2:]
+    assert (got.status, other.status) == (200, 405)
+    assert len(fast.routes) <= fastpath._ROUTES_KEPT
+    assert len(fast.heads) <= fastpath._HEADS_KEPT
+    conn.close()

@@ -385,13 +385,14 @@ async def answer_inference(
     name: str,
     version: str | None,
     headers: Mapping[str, str],
-    body: Callable[[], Awaitable[bytes]],
+    body: bytes | Callable[[], Awaitable[bytes]],
 ) -> tuple[bytes, dict[str, str]]:
     """The encoded answer (body, headers) to one inference request, whatever carried it.
 
-    ``headers`` is looked up by lower-case name; ``body`` reads the request's body (called
-    once the model is known: an unknown model is refused before the body is read). Raises
-    what the request failed with, after counting the failure in the model's statistics.
+    ``headers`` is looked up by lower-case name; ``body`` is the request's body, or reads
+    it (called once the model is known: an unknown model is refused before the body is
+    read). Raises what the request failed with, after counting the failure in the model's
+    statistics.
     """
     started = time.perf_counter_ns()
     if state.draining:
@@ -401,7 +402,7 @@ async def answer_inference(
     state.inflight += 1
     held: ServedModel | None = None
     try:
-        data = await body()
+        data = body if isinstance(body, bytes) else await body()
         # Resolve again: a swap may have happened while the body arrived. ``inflight``
         # keeps this version from being unloaded until the request is answered.
         model = held = registry.get(name, version)

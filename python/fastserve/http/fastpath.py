@@ -33,7 +33,7 @@ import functools
 import http
 import logging
 import zlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,10 +66,9 @@ _CODINGS = (("deflate", zlib.MAX_WBITS), ("gzip", 16 + zlib.MAX_WBITS))
 """Answer codings, in aiohttp's order of preference."""
 
 
-@dataclass(slots=True)
-class _Head:
-    """A request head the fast path answers, parsed; its body is the next ``size`` -
-    ``head_size`` bytes."""
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What a request line asks for, when the fast path answers it."""
 
     action: str
     read: Read | None
@@ -78,12 +77,63 @@ class _Head:
     version: str | None
     path: str
     method: str
+
+
+_ROUTES_KEPT = 1024
+"""Request lines whose route is remembered (``FastPath.routes``): a client sends the same
+few again and again; past this many distinct ones, the rest are resolved each time."""
+
+
+@dataclass(slots=True)
+class _Head:
+    """A request head the fast path answers, parsed; its body is the next ``size`` -
+    ``head_size`` bytes."""
+
+    route: _Route
     headers: dict[str, str]
     head_size: int
     size: int
     keep_alive: bool
     expect: str | None
     """``Expect``: ``100-continue`` is met (once), any other expectation answered 417."""
+
+
+def _resolve(method: bytes, url: bytes) -> _Route | None:
+    """The route of a request line if the fast path answers it: inference, or a read."""
+    try:
+        method_name = method.decode("ascii")
+        path = url.partition(b"?")[0].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    route = resolve(path) if path[:1] == "/" and "%" not in path else None
+    if route is None:
+        return None
+    action, model, version = route
+    read = READS.get(action)
+    if (method_name == "POST" and action == "infer") or (
+        read is not None and method_name in ("GET", "HEAD")
+    ):
+        return _Route(action, read, model, version, path, method_name)
+    return None
+
+
+_HEADS_KEPT = 256
+"""Answer heads kept (``FastPath.heads``); past this many distinct ones, each is built."""
+
+
+def _answer_head(
+    status: int, fields: tuple[tuple[str, str], ...], coding: str | None, close: bool, echo: bool
+) -> bytes:
+    """An answer's status line and headers, all but its length and date."""
+    lines = [_STATUS_LINES[status]]
+    lines.extend(f"{name}: {value}\r\n" for name, value in fields)
+    if coding is not None:
+        lines.append(f"Content-Encoding: {coding}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    elif echo:
+        lines.append("Connection: keep-alive\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 class FastPath:
@@ -108,6 +158,23 @@ class FastPath:
         self._timer: asyncio.TimerHandle | None = None
         self.outbox: list[tuple[Connection, bytes]] = []
         self.poll = BusyPoll(self.loop, config.busy_poll_us)
+        self.routes: dict[tuple[bytes, bytes], _Route | None] = {}
+        """(method, URL) -> its route; None: not the fast path's (see ``route``)."""
+        self.heads: dict[tuple[Any, ...], bytes] = {}
+        """An answer's head without its length and date, by what it is made of (see
+        ``Connection._write``): a server sends the same few again and again."""
+
+    def route(self, method: bytes, url: bytes) -> _Route | None:
+        """The route of a request line if the fast path answers it, remembered."""
+        key = (method, url)
+        try:
+            return self.routes[key]
+        except KeyError:
+            pass
+        route = _resolve(method, url)
+        if len(self.routes) < _ROUTES_KEPT:
+            self.routes[key] = route
+        return route
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -289,37 +356,16 @@ class Connection(asyncio.Protocol):
         self._parser = parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(bytes(self.buffer[:head_size]))
-            method = parser.get_method().decode("ascii")
-            path = self._url.partition(b"?")[0].decode("ascii")
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade, UnicodeDecodeError):
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None
-        route = resolve(path) if path[:1] == "/" and "%" not in path else None
+        route = self.fast.route(parser.get_method(), self._url)
         if route is None or "transfer-encoding" in headers:
             return None
-        action, model, version = route
-        read = READS.get(action)
-        if not (
-            (method == "POST" and action == "infer")
-            or (read is not None and method in ("GET", "HEAD"))
-        ):
-            return None
-        expect = headers.get("expect")
         length = int(headers.get("content-length", "0"))  # (llhttp checked its digits)
         if length > self.fast.limit:
             return None  # aiohttp answers 413, then drops the rest of the body
-        return _Head(
-            action,
-            read,
-            model,
-            version,
-            path,
-            method,
-            headers,
-            head_size,
-            head_size + length,
-            self._keep_alive,
-            expect,
-        )
+        expect = headers.get("expect")
+        return _Head(route, headers, head_size, head_size + length, self._keep_alive, expect)
 
     def _hand_over(self) -> None:
         """From the current request on, aiohttp serves this connection."""
@@ -336,14 +382,15 @@ class Connection(asyncio.Protocol):
         transport.resume_reading()
 
     def _answer(self, head: _Head, body: bytes) -> None:
-        if head.read is None:
+        route = head.route
+        if route.read is None:
             self.busy = True
             self._drive(self._infer(head, body))
             return
         try:
-            response = head.read(self.fast.state, head.model, head.version)
+            response = route.read(self.fast.state, route.model, route.version)
         except Exception as exc:
-            response = http_errors.error_for(exc, head.method, head.path)
+            response = http_errors.error_for(exc, route.method, route.path)
         self._respond(head, response)
 
     def _drive(self, coro: Coroutine[Any, Any, None], _done: object = None) -> None:
@@ -371,19 +418,23 @@ class Connection(asyncio.Protocol):
 
     async def _infer(self, head: _Head, body: bytes) -> None:
         headers = head.headers
-        limit = self.fast.limit
+        route = head.route
+        given: bytes | Callable[[], Awaitable[bytes]] = body
+        encoding = headers.get("content-encoding")
+        if encoding:
+            limit = self.fast.limit
 
-        async def given() -> bytes:
-            encoding = headers.get("content-encoding")
-            return decompress(body, encoding.strip().lower(), limit) if encoding else body
+            async def inflated() -> bytes:  # (a failure counts against the model)
+                return decompress(body, encoding.strip().lower(), limit)
 
+            given = inflated
         later = False
         try:
             payload, answer = await answer_inference(
-                self.fast.state, str(head.model), head.version, headers, given
+                self.fast.state, str(route.model), route.version, headers, given
             )
         except Exception as exc:
-            self._respond(head, http_errors.error_for(exc, head.method, head.path))
+            self._respond(head, http_errors.error_for(exc, route.method, route.path))
         else:
             later = self._write(head, 200, answer.items(), payload, close=False, compress=True,
                                 later=True)  # fmt: skip
@@ -437,8 +488,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self.done or transport is None:
             return False  # the client left: nothing to answer
-        lines = [_STATUS_LINES[status]]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        coding = None
         if compress:
             accepted = head.headers.get("accept-encoding")
             if accepted and len(payload) >= COMPRESS_MIN_BYTES:
@@ -447,16 +497,21 @@ class Connection(asyncio.Protocol):
                     if coding in accepted:
                         deflater = zlib.compressobj(wbits=wbits)
                         payload = deflater.compress(payload) + deflater.flush()
-                        lines.append(f"Content-Encoding: {coding}\r\n")
                         break
+                else:
+                    coding = None
         close = close or linger or not head.keep_alive
-        if close:
-            lines.append("Connection: close\r\n")
-        elif head.headers.get("connection", "").lower() == "keep-alive":
-            lines.append("Connection: keep-alive\r\n")  # an HTTP/1.0 client asked for it
-        lines.append(f"Content-Length: {len(payload)}\r\n")
-        out = "".join(lines).encode("latin-1") + self.fast.date + b"\r\n"
-        data = out if head.method == "HEAD" else out + payload
+        # an HTTP/1.0 client that asked for keep-alive is told it is kept
+        echo = not close and head.headers.get("connection", "").lower() == "keep-alive"
+        fields = tuple(headers)
+        key = (status, fields, coding, close, echo)
+        start = self.fast.heads.get(key)
+        if start is None:
+            start = _answer_head(status, fields, coding, close, echo)
+            if len(self.fast.heads) < _HEADS_KEPT:
+                self.fast.heads[key] = start
+        out = b"%sContent-Length: %d\r\n%s\r\n" % (start, len(payload), self.fast.date)
+        data = out if head.route.method == "HEAD" else out + payload
         if later and not close and (self.fast.outbox or self.fast.state.batching):
             self.fast.send_later(self, data)  # other answers are (or may be) on their way
             return True
@@ -472,7 +527,8 @@ class Connection(asyncio.Protocol):
     def _time_out(self, head: _Head) -> None:
         """The body did not come in time: 408, and close."""
         try:
-            model = self.fast.state.registry.get(str(head.model), head.version)
+            route = head.route
+            model = self.fast.state.registry.get(str(route.model), route.version)
             model.request_stats.record_failure("invalid", int(self.fast.body_s * 1e9))
         except Exception:  # (the model went away meanwhile: nothing to count it against)
             pass
