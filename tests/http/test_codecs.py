@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -11,11 +13,13 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton_http
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fastserve import _core
 from fastserve.errors import InvalidRequest, UnsupportedMediaType
+from fastserve.http import codecs
 from fastserve.http.codecs import (
     HEADER_LENGTH,
     MAX_JSON_DEPTH,
@@ -358,6 +362,138 @@ def test_msgpack_accepts_nan_and_inf_floats() -> None:
     (got,) = decode_msgpack(doc_of(tensor([float("nan"), float("inf"), 1.0]))).inputs
     assert np.isnan(got.data[0, 0])
     assert np.isinf(got.data[0, 1])
+
+
+# The native conversion of plain float data (``_core.numbers_from_list``) must decode every
+# list exactly as numpy and the checks do, or decline it (None) and leave it to them.
+_ELEMENTS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.floats(min_value=3.4e38, max_value=3.5e38),  # around FP32's largest value
+    st.integers(-(2**70), 2**70),
+    st.integers(-(2**53) - 2, -(2**53) + 2) | st.integers(2**53 - 2, 2**53 + 2),
+    st.booleans(),
+    st.sampled_from([None, "1.5", [1.0]]),
+)
+
+
+def _plain_and_native(
+    monkeypatch: pytest.MonkeyPatch, data: Any, shape: tuple[int, ...], datatype: str, fmt: str
+) -> tuple[Any, Any] | None:
+    """What the decoder makes of ``data`` with and without the native conversion; None when
+    ``fmt`` cannot carry it (msgpack has no integers beyond 64 bits)."""
+    doc = doc_of(tensor(data, shape=shape, datatype=datatype))
+    # (the standard library's json: orjson does not write ints beyond 64 bits)
+    try:
+        body = msgpack.packb(doc) if fmt == "msgpack" else json.dumps(doc).encode()
+    except OverflowError:
+        return None
+    content_type = f"application/{fmt}"
+
+    def outcome() -> Any:
+        try:
+            (got,) = decode_request(body, content_type, None, max_elements=MAX_ELEMENTS).inputs
+        except InvalidRequest as exc:
+            return str(exc)
+        return got.data
+
+    native = outcome()
+    with monkeypatch.context() as patch:
+        patch.setattr(codecs, "_NATIVE_FLOATS", frozenset())
+        plain = outcome()
+    return plain, native
+
+
+def _same(plain: Any, native: Any) -> None:
+    if isinstance(plain, str):
+        assert native == plain
+        return
+    assert isinstance(native, np.ndarray)
+    assert (native.dtype, native.shape) == (plain.dtype, plain.shape)
+    assert native.tobytes() == plain.tobytes()  # bit for bit, NaN included
+    assert native.flags.c_contiguous and native.flags.writeable
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 5),
+    nested=st.booleans(),
+    datatype=st.sampled_from(["FP32", "FP64"]),
+    fmt=st.sampled_from(["json", "msgpack"]),
+    draw=st.data(),
+)
+def test_native_float_lists_decode_as_numpy_does(
+    monkeypatch: pytest.MonkeyPatch,
+    rows: int,
+    width: int,
+    nested: bool,
+    datatype: str,
+    fmt: str,
+    draw: st.DataObject,
+) -> None:
+    plain_only = draw.draw(st.booleans())
+    elements = st.floats(-1e30, 1e30) | st.integers(-1000, 1000) if plain_only else _ELEMENTS
+    flat = draw.draw(st.lists(elements, min_size=rows * width, max_size=rows * width))
+    if fmt == "json":  # JSON has no NaN or infinity literals
+        flat = [x if not (isinstance(x, float) and not math.isfinite(x)) else 0.5 for x in flat]
+    data = [flat[r * width : (r + 1) * width] for r in range(rows)] if nested else flat
+    both = _plain_and_native(monkeypatch, data, (rows, width), datatype, fmt)
+    assume(both is not None)
+    assert both is not None
+    _same(*both)
+
+
+_EDGE_CASES = [
+    ([1.5, 2.5, 3.5], (1, 3)),  # flat
+    ([[1.5, 2.5, 3.5]], (1, 3)),  # nested
+    ([[1.5], [2.5], [3.5]], (3, 1)),
+    ([[[1.0, 2.0]], [[3.0, 4.0]]], (2, 1, 2)),
+    ([7.25], ()),  # a scalar
+    ([[1.0, 2.0], [3.0]], (2, 2)),  # ragged
+    ([[1.0, 2.0], 3.0], (2, 1)),  # mixed nesting
+    ([1.0, 2.0], (2, 2)),  # too short
+    ([[1.0, 2.0, 3.0]], (3, 1)),  # nested along other dims
+    ([1, True, 2.5], (1, 3)),  # a bool: numpy's way
+    ([2**53 + 1, 1.0, 2.0], (1, 3)),  # an int a double cannot hold
+    ([2**64, 1.0, 2.0], (1, 3)),  # beyond int64
+    ([3.5e38, 1.0, 2.0], (1, 3)),  # beyond FP32
+    ([3.4028235e38, -3.4028235e38, 0.0], (1, 3)),  # FP32's largest
+    ([1.0, None, 2.0], (1, 3)),
+    ([1.0, "2.0", 3.0], (1, 3)),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "fmt"),
+    [
+        (data, shape, fmt)
+        for data, shape in _EDGE_CASES
+        for fmt in ("json", "msgpack")
+        if fmt == "json" or not any(type(x) is int and abs(x) >= 2**63 for x in data)
+    ],
+)  # (msgpack has no integers beyond 64 bits)
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_native_float_lists_edge_cases(
+    monkeypatch: pytest.MonkeyPatch, data: Any, shape: tuple[int, ...], datatype: str, fmt: str
+) -> None:
+    both = _plain_and_native(monkeypatch, data, shape, datatype, fmt)
+    assert both is not None
+    _same(*both)
+
+
+def test_native_float_lists_take_the_common_case() -> None:
+    """Plain numbers are converted natively (not declined), flat and nested alike."""
+    for data, shape in (([1.5, 2, -3.0], (1, 3)), ([[1.5], [2], [-3.0]], (3, 1))):
+        got = _core.numbers_from_list(data, shape, "FP32")
+        assert got is not None and got.dtype == np.float32 and got.shape == shape
+        assert got.ravel().tolist() == [1.5, 2.0, -3.0]
+    assert _core.numbers_from_list([1.0, True], (2,), "FP32") is None
+    assert _core.numbers_from_list([1e39], (1,), "FP32") is None
+    assert _core.numbers_from_list([float("nan")], (1,), "FP64") is None
+    with pytest.raises(ValueError, match="FP32 or FP64"):
+        _core.numbers_from_list([1.0], (1,), "INT32")
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from fastserve import _core
 from fastserve.errors import InvalidRequest, UnsupportedMediaType
 from fastserve.protocol import (
     DATATYPE_TO_NUMPY,
@@ -89,6 +90,9 @@ _FLOAT_LIMITS: Final[dict[str, float]] = {
     "FP16": float(np.finfo(np.float16).max),
     "FP32": float(np.finfo(np.float32).max),
 }
+_NATIVE_FLOATS: Final = frozenset({"FP32", "FP64"})
+"""Float datatypes whose plain ``data`` lists the native core converts
+(``_core.numbers_from_list``)."""
 _INT_RANGES: Final[dict[str, tuple[int, int]]] = {
     name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max))
     for name, dt in _NATIVE_DTYPES.items()
@@ -378,6 +382,12 @@ def _from_list(
         raise InvalidRequest(
             f"{label}: 'data' has {len(data)} elements, 'shape' {_shape_text(shape)} needs {count}"
         )
+    if datatype in _NATIVE_FLOATS:
+        # The common case (plain numbers that fit) in one native pass; None leaves anything
+        # else to numpy and the checks below, which explain what is wrong.
+        array = _core.numbers_from_list(data, shape, datatype)
+        if array is not None:
+            return array
     try:
         # No dtype: numpy then reports what the elements are (bool, int, float, str,
         # object), which a cast to the target would hide (it parses "1.5" and truncates
