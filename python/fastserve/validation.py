@@ -182,40 +182,46 @@ def validate_inputs(
 
     arrays: list[npt.NDArray[Any]] = []
     batch: int | None = None
-    first = ""
+    first = ""  # the input that set the batch size
     for model_spec in signature.inputs:
         tensor = given[model_spec.name]
         spec = model_spec
         if raw is not None and raw == (spec.name, tensor.datatype):  # any shape: rows checked
             spec = TensorSpec(spec.name, tensor.datatype, (-1,) * len(tensor.shape))
-        label = f"input {quoted(spec.name)}"
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(
-                f"{label}: datatype {clip(tensor.datatype)} does not match "
+                f"input {quoted(spec.name)}: datatype {clip(tensor.datatype)} does not match "
                 f"the model's {spec.datatype}"
             )
         shape = tensor.shape
         if tensor.data.shape != shape:
-            raise InvalidRequest(f"{label}: data does not have the declared shape")
+            raise InvalidRequest(
+                f"input {quoted(spec.name)}: data does not have the declared shape"
+            )
         if len(shape) != len(spec.shape):
             raise InvalidRequest(
-                f"{label}: rank {len(shape)} does not match the model's "
+                f"input {quoted(spec.name)}: rank {len(shape)} does not match the model's "
                 f"{len(spec.shape)} (shape {shape_text(spec.shape)})"
             )
         for axis, (dim, expected) in enumerate(zip(shape, spec.shape, strict=True)):
             if expected >= 0 and dim != expected:
                 raise InvalidRequest(
-                    f"{label}: dimension {axis} is {dim}, the model needs {expected} "
-                    f"(shape {shape_text(spec.shape)})"
+                    f"input {quoted(spec.name)}: dimension {axis} is {dim}, the model needs "
+                    f"{expected} (shape {shape_text(spec.shape)})"
                 )
         if shape:
             rows = shape[0]
             if not 1 <= rows <= max_batch_size:
-                raise InvalidRequest(f"{label}: batch size {rows} is outside 1..{max_batch_size}")
+                raise InvalidRequest(
+                    f"input {quoted(spec.name)}: batch size {rows} is outside 1..{max_batch_size}"
+                )
             if batch is None:
-                batch, first = rows, label
+                batch, first = rows, spec.name
             elif rows != batch:
-                raise InvalidRequest(f"{label} has batch size {rows} but {first} has {batch}")
+                raise InvalidRequest(
+                    f"input {quoted(spec.name)} has batch size {rows} but input "
+                    f"{quoted(first)} has {batch}"
+                )
         arrays.append(_native(tensor.data, spec.datatype))
     return arrays
 

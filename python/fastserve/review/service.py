@@ -199,13 +199,17 @@ class Review:
 
     def reading(self, model: ServedModel) -> Reading | None:
         """How to read ``model``'s outputs (None: it is neither classifier nor regressor)."""
-        if model not in self._readings:
-            try:
-                self._readings[model] = Reading.of(model.signature, model.config.task)
-            except NotInterpretable as exc:
-                log.warning("model %s: predictions are not recorded: %s", model.label, exc)
-                self._readings[model] = None
-        return self._readings[model]
+        try:
+            return self._readings[model]  # (one weak-key lookup a request)
+        except KeyError:
+            pass
+        reading: Reading | None = None
+        try:
+            reading = Reading.of(model.signature, model.config.task)
+        except NotInterpretable as exc:
+            log.warning("model %s: predictions are not recorded: %s", model.label, exc)
+        self._readings[model] = reading
+        return reading
 
     def observe(
         self,
