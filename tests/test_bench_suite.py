@@ -32,7 +32,8 @@ from models import predict, reference
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-import heavy_model  # noqa: E402  (bench/ is not a package)
+import framing_cost  # noqa: E402  (bench/ is not a package)
+import heavy_model  # noqa: E402
 import request_cost  # noqa: E402
 import serving  # noqa: E402
 import suite  # noqa: E402
@@ -319,5 +320,38 @@ async def test_the_in_process_cost_bench_runs_and_records_every_request(
         # the clients' requests share batches as over HTTP: rounds of ``clients`` requests
         batches = model.batcher.core_stats()["batches"]
         assert batches == 37 if clients == 1 else batches <= 37 // clients + 2
+    finally:
+        await server.stop()
+
+
+async def test_the_framing_bench_answers_every_request_through_the_fast_path(
+    demo_repo: Path, tmp_path: Path
+) -> None:
+    # bench/framing_cost.py's in-memory connections are served as sockets are: every
+    # request answered 200 and counted by the model, and a failed answer fails the run
+    from fastserve.config import ServerConfig
+    from fastserve.server import Server
+
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo / request_cost.SMALL, repo / request_cost.SMALL)
+    (repo / request_cost.SMALL / "config.yaml").write_text(request_cost.SETTINGS)
+    row = example_rows(request_cost.SMALL, 1)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
+                     "data": row.ravel().tolist()}]}
+    ).encode()  # fmt: skip
+    server = Server(ServerConfig(repository=repo, port=0, watch="off"))
+    await server.start()
+    try:
+        fast = server.state.fast
+        assert fast is not None
+        request = framing_cost.request_bytes(body)
+        assert await framing_cost.Run(request, 41).cpu_us(fast, 4) > 0
+        model = server.registry.get(request_cost.SMALL)
+        assert model.request_stats.success == 41 and model.request_stats.fail == 0
+        assert await framing_cost.Run(request, 9).cpu_us(framing_cost.baselines.LlhttpCeiling, 2)
+        wrong = framing_cost.request_bytes(body.replace(b'"FP32"', b'"INT8"'))
+        with pytest.raises(RuntimeError, match="5 of 5 requests were not answered 200"):
+            await framing_cost.Run(wrong, 5).cpu_us(fast, 2)
     finally:
         await server.stop()
