@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
 
 import baselines  # bench/baselines.py
+import request_cost  # bench/request_cost.py
 
 FIXED = orjson.dumps({"model_name": "m", "model_version": "1", "outputs": []})
 
@@ -151,19 +154,12 @@ async def framing(body: bytes, connections: int, requests: int, rounds: int) -> 
 
 
 async def whole(body: bytes, connections: int, requests: int, rounds: int) -> None:
-    import shutil
-    from pathlib import Path
-
-    import request_cost  # bench/request_cost.py
     from fastserve.config import ServerConfig
     from fastserve.demo import build_demo_repository
     from fastserve.server import Server
 
     work = Path(tempfile.mkdtemp(prefix="fastserve-framing-"))
-    repo = work / "repo"
-    repo.mkdir()
-    shutil.copytree(build_demo_repository(work / "demo") / "breast_cancer", repo / "breast_cancer")
-    (repo / "breast_cancer" / "config.yaml").write_text(request_cost.SETTINGS)
+    repo = request_cost.served_repository(build_demo_repository(work / "demo"), work / "repo")
     server = Server(ServerConfig(repository=repo, port=0, watch="off"))
     await server.start()
     fast = server.state.fast
@@ -197,13 +193,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="the whole server, see above")
     args = parser.parse_args()
 
-    from fastserve.demo import example_rows
-
-    row = example_rows("breast_cancer", 1)
-    body = orjson.dumps(
-        {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
-                     "data": row.ravel().tolist()}]}
-    )  # fmt: skip
+    body = request_cost.single_row_body()
     measure = whole if args.whole else framing
     uvloop.run(measure(body, args.connections, args.requests, args.rounds))
 

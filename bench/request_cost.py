@@ -55,6 +55,26 @@ SETTINGS = serving.CONFIGS["batching"] + "execution: event_loop\n"
 """The model's config.yaml: as bench/suite.py serves it."""
 
 
+def served_repository(demo: Path, repo: Path, extra: str = "") -> Path:
+    """``repo``: the demo's ``SMALL`` model alone, configured as bench/suite.py serves it
+    (``extra``: more of its config.yaml)."""
+    repo.mkdir()
+    shutil.copytree(demo / SMALL, repo / SMALL)
+    (repo / SMALL / "config.yaml").write_text(SETTINGS + extra)
+    return repo
+
+
+def single_row_body() -> bytes:
+    """The single-row JSON request bench/suite.py's headline sends."""
+    from fastserve.demo import example_rows
+
+    row = example_rows(SMALL, 1)
+    return orjson.dumps(
+        {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
+                     "data": row.ravel().tolist()}]}
+    )  # fmt: skip
+
+
 async def run_clients(
     server: Any, body: bytes, clients: int, requests: int, idle_us: int = 0
 ) -> float:
@@ -185,21 +205,13 @@ def main() -> None:
         store_cost(args.records)
         return
 
-    from fastserve.demo import build_demo_repository, example_rows
+    from fastserve.demo import build_demo_repository
 
     work = Path(tempfile.mkdtemp(prefix="fastserve-cost-"))
     demo = build_demo_repository(work / "demo")
-    single, quiet = work / "single", work / "quiet"  # only the model measured is loaded
-    for repo, extra in ((single, ""), (quiet, "review:\n  record_predictions: false\n")):
-        repo.mkdir()
-        shutil.copytree(demo / SMALL, repo / SMALL)
-        (repo / SMALL / "config.yaml").write_text(SETTINGS + extra)
-
-    row = example_rows(SMALL, 1)
-    body = orjson.dumps(
-        {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
-                     "data": row.ravel().tolist()}]}
-    )  # fmt: skip
+    single = served_repository(demo, work / "single")  # only the model measured is loaded
+    quiet = served_repository(demo, work / "quiet", "review:\n  record_predictions: false\n")
+    body = single_row_body()
     variants = {"shipped": (single, True), "no recording": (quiet, True), "lean": (quiet, False)}
 
     if args.profile:

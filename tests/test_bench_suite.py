@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import pytest
 
 from conftest import ServerProcess
 from fastserve.demo import example_rows
+from fastserve.server import Server
 from models import predict, reference
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -287,71 +288,54 @@ def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     assert suite.paired({"runs": []}, ref, "rps") == ""
 
 
+@pytest.fixture
+async def cost_server(demo_repo: Path, tmp_path: Path) -> AsyncIterator[Server]:
+    """A real server in-process, serving what bench/request_cost.py measures."""
+    from fastserve.config import ServerConfig
+
+    repo = request_cost.served_repository(demo_repo, tmp_path / "repo")
+    server = Server(ServerConfig(repository=repo, port=0, watch="off"))
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.mark.parametrize(("clients", "idle_us"), [(1, 0), (8, 0), (1, 2000)])
 async def test_the_in_process_cost_bench_runs_and_records_every_request(
-    demo_repo: Path, tmp_path: Path, clients: int, idle_us: int
+    cost_server: Server, clients: int, idle_us: int
 ) -> None:
     # bench/request_cost.py's figures are per request sent, the store's writes included:
     # every request is answered and every prediction is written when its run returns
-    from fastserve.config import ServerConfig
-    from fastserve.server import Server
-
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo / request_cost.SMALL, repo / request_cost.SMALL)
-    (repo / request_cost.SMALL / "config.yaml").write_text(request_cost.SETTINGS)
-    row = example_rows(request_cost.SMALL, 1)
-    body = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                     "data": row.ravel().tolist()}]}
-    ).encode()  # fmt: skip
-    server = Server(ServerConfig(repository=repo, port=0, watch="off"))
-    await server.start()
-    try:
-        started = time.monotonic()
-        cpu = await request_cost.run_clients(server, body, clients, 37, idle_us)
-        # --idle-us: the thread slept after each request (a sleep never ends early)
-        assert time.monotonic() - started >= 37 * idle_us / 1e6
-        model = server.registry.get(request_cost.SMALL)
-        assert model.request_stats.success == 37 and model.request_stats.fail == 0
-        assert server.review.observed_waiting() == 0
-        rows = await server.review.store.query("SELECT count(*) FROM predictions")
-        assert rows == [(37,)]
-        assert cpu > 0
-        # the clients' requests share batches as over HTTP: rounds of ``clients`` requests
-        batches = model.batcher.core_stats()["batches"]
-        assert batches == 37 if clients == 1 else batches <= 37 // clients + 2
-    finally:
-        await server.stop()
+    server = cost_server
+    body = request_cost.single_row_body()
+    started = time.monotonic()
+    cpu = await request_cost.run_clients(server, body, clients, 37, idle_us)
+    # --idle-us: the thread slept after each request (a sleep never ends early)
+    assert time.monotonic() - started >= 37 * idle_us / 1e6
+    model = server.registry.get(request_cost.SMALL)
+    assert model.request_stats.success == 37 and model.request_stats.fail == 0
+    assert server.review is not None and server.review.observed_waiting() == 0
+    rows = await server.review.store.query("SELECT count(*) FROM predictions")
+    assert rows == [(37,)]
+    assert cpu > 0
+    # the clients' requests share batches as over HTTP: rounds of ``clients`` requests
+    batches = model.batcher.core_stats()["batches"]
+    assert batches == 37 if clients == 1 else batches <= 37 // clients + 2
 
 
 async def test_the_framing_bench_answers_every_request_through_the_fast_path(
-    demo_repo: Path, tmp_path: Path
+    cost_server: Server,
 ) -> None:
     # bench/framing_cost.py's in-memory connections are served as sockets are: every
     # request answered 200 and counted by the model, and a failed answer fails the run
-    from fastserve.config import ServerConfig
-    from fastserve.server import Server
-
-    repo = tmp_path / "repo"
-    shutil.copytree(demo_repo / request_cost.SMALL, repo / request_cost.SMALL)
-    (repo / request_cost.SMALL / "config.yaml").write_text(request_cost.SETTINGS)
-    row = example_rows(request_cost.SMALL, 1)
-    body = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                     "data": row.ravel().tolist()}]}
-    ).encode()  # fmt: skip
-    server = Server(ServerConfig(repository=repo, port=0, watch="off"))
-    await server.start()
-    try:
-        fast = server.state.fast
-        assert fast is not None
-        request = framing_cost.request_bytes(body)
-        assert await framing_cost.Run(request, 41).cpu_us(fast, 4) > 0
-        model = server.registry.get(request_cost.SMALL)
-        assert model.request_stats.success == 41 and model.request_stats.fail == 0
-        assert await framing_cost.Run(request, 9).cpu_us(framing_cost.baselines.LlhttpCeiling, 2)
-        wrong = framing_cost.request_bytes(body.replace(b'"FP32"', b'"INT8"'))
-        with pytest.raises(RuntimeError, match="5 of 5 requests were not answered 200"):
-            await framing_cost.Run(wrong, 5).cpu_us(fast, 2)
-    finally:
-        await server.stop()
+    fast = cost_server.state.fast
+    assert fast is not None
+    body = request_cost.single_row_body()
+    request = framing_cost.request_bytes(body)
+    assert await framing_cost.Run(request, 41).cpu_us(fast, 4) > 0
+    model = cost_server.registry.get(request_cost.SMALL)
+    assert model.request_stats.success == 41 and model.request_stats.fail == 0
+    assert await framing_cost.Run(request, 9).cpu_us(framing_cost.baselines.LlhttpCeiling, 2)
+    wrong = framing_cost.request_bytes(body.replace(b'"FP32"', b'"INT8"'))
+    with pytest.raises(RuntimeError, match="5 of 5 requests were not answered 200"):
+        await framing_cost.Run(wrong, 5).cpu_us(fast, 2)
