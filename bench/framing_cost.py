@@ -73,7 +73,7 @@ class Transport:
 
 
 class Run:
-    """``requests`` requests over ``connections`` protocols made by ``factory``."""
+    """``requests`` requests, each answer bringing its connection's next one (``cpu_us``)."""
 
     def __init__(self, request: bytes, requests: int) -> None:
         self.request = request
@@ -84,6 +84,14 @@ class Run:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
 
+    def claim(self) -> bool:
+        """Whether a request is left to send (then it counts as outstanding)."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self.outstanding += 1
+        return True
+
     def send(self, protocol: asyncio.Protocol) -> None:
         protocol.data_received(self.request)
 
@@ -91,9 +99,7 @@ class Run:
         self.outstanding -= 1
         if not answer.startswith(b"HTTP/1.1 200 "):
             self.failed += 1
-        if self.left > 0:
-            self.left -= 1
-            self.outstanding += 1
+        if self.claim():
             self.loop.call_soon(self.send, protocol)  # the client's turn, then its next request
         elif not self.outstanding and not self.done.done():
             self.done.set_result(None)
@@ -105,10 +111,9 @@ class Run:
             protocol.connection_made(Transport(self, protocol))  # type: ignore[arg-type]
         requests = self.left
         started = time.process_time()
-        for protocol in protocols[: self.left]:
-            self.left -= 1
-            self.outstanding += 1
-            self.send(protocol)
+        for protocol in protocols:
+            if self.claim():
+                self.send(protocol)
         await self.done
         used = time.process_time() - started
         for protocol in protocols:

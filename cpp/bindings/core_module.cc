@@ -680,8 +680,8 @@ bool PlainNumber(PyObject* item, double limit, double* out) {
   return true;
 }
 
-// Writes the numbers of `list` (nested along dims[depth..rank), or flat at depth == rank - 1
-// with `flat` elements) into out[*at...]; false at the first element that is not plain.
+// Writes the numbers of `list`, nested exactly along dims[depth..] (flat data is walked with
+// dims = {count}), into out[*at...]; false at the first length or element that does not fit.
 template <typename T>
 bool FillNumbers(PyObject* list, const std::vector<Py_ssize_t>& dims, size_t depth, double limit,
                  T* out, Py_ssize_t* at) {
@@ -723,10 +723,10 @@ py::object NumbersFromList(PyObject* data, const std::vector<Py_ssize_t>& shape,
     return py::none();
   }
   const bool nested = PyList_CheckExact(PyList_GET_ITEM(data, 0));
-  const std::vector<Py_ssize_t> walk = nested ? shape : std::vector<Py_ssize_t>{count};
   if (nested && shape.empty()) {
-    return py::none();
+    return py::none();  // a scalar sent as a list of lists
   }
+  const std::vector<Py_ssize_t> walk = nested ? shape : std::vector<Py_ssize_t>{count};
   py::array_t<T> out(std::vector<py::ssize_t>(shape.begin(), shape.end()));
   Py_ssize_t at = 0;
   if (!FillNumbers(data, walk, 0, limit, out.mutable_data(), &at)) {
