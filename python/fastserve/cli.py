@@ -9,12 +9,15 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from fastserve import __version__
 from fastserve.config import ServerConfig
+
+if TYPE_CHECKING:
+    from fastserve.workers import Worker
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -43,9 +46,13 @@ def _admin_token(token_file: str | None) -> str | None:
     return os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from fastserve.server import Server
+def _serve_one(config: ServerConfig, worker: Worker | None = None) -> None:
+    from fastserve.server import Server  # (in a worker: imported after the fork)
 
+    _run(Server(config, worker).serve_forever())
+
+
+def _serve(args: argparse.Namespace) -> int:
     if args.repository is None:
         from fastserve.demo import demo_repository_path
 
@@ -78,8 +85,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"fastserve: invalid option: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    _run(Server(config).serve_forever())
-    return 0
+    if args.workers == 1:
+        _serve_one(config)
+        return 0
+    from fastserve.workers import MAX_WORKERS, Supervisor
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"fastserve: --workers must be 1..{MAX_WORKERS}", file=sys.stderr)
+        return 2
+    return Supervisor(config, args.workers, _serve_one).run()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -104,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each a whole server on its "
+        "own core; metrics and repository changes span them all (default 1)",
+    )
     serve.add_argument(
         "--max-body-bytes", type=int, default=64 << 20, help="request body limit (default 64 MiB)"
     )

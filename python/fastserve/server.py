@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -23,6 +24,7 @@ from fastserve.monitoring.serving import (
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.review.store import ReviewStore
+from fastserve.workers import Worker
 
 _GC_YOUNG_THRESHOLD = 50_000
 """Allocations between scans of the youngest generation once serving (default 700)."""
@@ -36,16 +38,20 @@ class Server:
     watches the repository and applies edits. ``stop()`` drains: readiness goes down and new
     inference is refused, in-flight requests finish (up to ``drain_timeout_s``), then
     connections close and the batchers empty.
+
+    As one of several workers (``worker``, see ``fastserve.workers``) it listens only once
+    its models are loaded, with SO_REUSEPORT, and serves its siblings on a control socket.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, worker: Worker | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.registry = Registry(
             config.repository,
             retire_timeout_s=config.retire_timeout_s,
             monitoring=config.monitoring,
         )
-        self.state = ServerState(config, self.registry)
+        self.state = ServerState(config, self.registry, worker=worker)
         self.registry.metrics.registry.register(
             ServingCollector(self.registry.models, lambda: self.state.inflight)
         )
@@ -93,9 +99,14 @@ class Server:
         self._fast = FastPath(self.state, runner.server)
         self.state.fast = self._fast
         self._fast.start()
-        self._listener = Listener(self._fast, config.host, config.port, backlog=1024)
-        self.port = int(self._listener.sockets[0].getsockname()[1])
-        log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
+        if self.worker is None:
+            self._listen()
+            log.info("listening on http://%s:%d (live; loading models)", config.host, self.port)
+        else:
+            control = self.worker.control_path()
+            with contextlib.suppress(FileNotFoundError):
+                control.unlink()  # left by this worker's predecessor
+            await web.UnixSite(runner, str(control)).start()
         if config.watch != "off":
             # Watch before loading: an edit made while the models load is not missed (the
             # polling watcher only sees changes after its first scan). Applies of one model
@@ -115,18 +126,30 @@ class Server:
         # reaches a scan, and a cycle an error path leaves is still collected.
         gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.state.started = True
+        if self.worker is not None:
+            self._listen()
+            log.info("listening on http://%s:%d", config.host, self.port)
+            self.worker.started()
         ready = "ready" if self.state.ready else "NOT ready: a model failed to load"
         log.info(
             "serving %d model(s) from %s: %s", len(self.registry.models()), config.repository, ready
         )
         if self.state.admin_token is None:
             log.info("admin API disabled (no admin token configured)")
-        if config.alert_webhook:
+        if config.alert_webhook and (self.worker is None or self.worker.index == 0):
             self._alerter = Alerter(
                 config.alert_webhook, self.registry.models, config.alert_interval_s
             )
             self._alerter.start()
             log.info("alerts go to the webhook every %.0f s", config.alert_interval_s)
+
+    def _listen(self) -> None:
+        assert self._fast is not None
+        config = self.config
+        self._listener = Listener(
+            self._fast, config.host, config.port, backlog=1024, reuse_port=self.worker is not None
+        )
+        self.port = int(self._listener.sockets[0].getsockname()[1])
 
     def _resync(self) -> None:
         if not self.state.draining:
@@ -181,6 +204,9 @@ class Server:
             await self._alerter.stop()
         await self.registry.stop_all()
         await self.review.close()
+        if self.worker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.worker.control_path().unlink()
         log.info("stopped")
 
     async def serve_forever(self) -> None:
@@ -191,6 +217,15 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
-            await stop.wait()
+            if self.worker is None:
+                await stop.wait()
+            else:
+                while not stop.is_set():
+                    # a worker outlives no supervisor (killed with SIGKILL, say)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)
+                    if self.worker.orphaned():
+                        log.warning("the supervisor is gone: stopping")
+                        break
         finally:
             await self.stop()

@@ -34,6 +34,7 @@ from fastserve.errors import (
 )
 from fastserve.http.body import read_body
 from fastserve.registry import Route
+from fastserve.workers import from_sibling, tell_siblings
 
 if TYPE_CHECKING:
     from fastserve.http.app import ServerState
@@ -100,13 +101,29 @@ async def repository_index(request: web.BaseRequest, state: ServerState) -> web.
 async def model_action(
     request: web.BaseRequest, state: ServerState, action: str, name: str
 ) -> web.Response:
+    """Apply ``action`` to model ``name``; in a group of workers, then have every sibling
+    apply the model's folder as it now is (``workers`` in the answer: how each fared)."""
+    answer = await _act(request, state, action, name)
+    if state.worker is not None and not from_sibling(request):
+        answer["workers"] = await tell_siblings(
+            state.worker,
+            "unload" if action == "unload" else "load",
+            name,
+            request.headers["Authorization"],
+        )
+    return _json(answer)
+
+
+async def _act(
+    request: web.BaseRequest, state: ServerState, action: str, name: str
+) -> dict[str, Any]:
     registry = state.registry
     doc = await _json_body(request, state)
     if action == "load":
-        return _json(_route_doc(name, await registry.load(name)))
+        return _route_doc(name, await registry.load(name))
     if action == "unload":
         await registry.unload(name)
-        return _json({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
+        return {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
     previous = registry.get(name).version if registry.versions(name) else None
     actor, reason, force = _change_fields(doc)
     review = state.review
@@ -134,7 +151,7 @@ async def model_action(
             reason=reason,
             gate=None,
         )
-    return _json(_route_doc(name, route, previous=previous))
+    return _route_doc(name, route, previous=previous)
 
 
 def _change_fields(doc: dict[str, Any]) -> tuple[str, str, bool]:
@@ -153,7 +170,7 @@ def _change_fields(doc: dict[str, Any]) -> tuple[str, str, bool]:
 
 async def _promote_shadow(
     state: ServerState, name: str, previous: str | None, actor: str, reason: str, force: bool
-) -> web.Response:
+) -> dict[str, Any]:
     """Check the gate; if it passes (or ``force``), make the shadow primary, and record it."""
     registry, review = state.registry, state.review
     route = registry.route(name)
@@ -177,8 +194,6 @@ async def _promote_shadow(
         reason=reason,
         gate=conditions,
     )
-    return _json(
-        _route_doc(
-            name, new_route, previous=previous, gate=conditions, forced=not passed, record=record
-        )
+    return _route_doc(
+        name, new_route, previous=previous, gate=conditions, forced=not passed, record=record
     )

@@ -41,6 +41,7 @@ from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
+from fastserve.workers import Worker, from_sibling, group_metrics
 
 if TYPE_CHECKING:
     from fastserve.http.fastpath import FastPath
@@ -74,6 +75,8 @@ class ServerState:
     """aiohttp's server: the connections the fast path handed over to it."""
     fast: FastPath | None = None
     """The fast path, which accepts every connection (``fastserve.http.fastpath``)."""
+    worker: Worker | None = None
+    """This process's place in a group of workers (None: the server is this process)."""
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _id_prefix: str = field(default_factory=lambda: secrets.token_hex(6))
 
@@ -341,6 +344,8 @@ async def metrics(
     if state.review is not None:
         await state.review.refresh_metrics(state.registry.known())
     body = state.registry.metrics.exposition()
+    if state.worker is not None and not from_sibling(request):
+        body = await group_metrics(state.worker, body)
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -41,10 +41,11 @@ class Listener:
         port: int,
         *,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._factory = factory
-        self.sockets = _bind(host, port, backlog)
+        self.sockets = bind_sockets(host, port, backlog=backlog, reuse_port=reuse_port)
         self._starting: set[asyncio.Task[object]] = set()
         self._closed = False
         for sock in self.sockets:
@@ -87,8 +88,15 @@ class Listener:
             sock.close()
 
 
-def _bind(host: str | None, port: int, backlog: int) -> list[socket.socket]:
-    """A listening socket per address of ``host`` (None or "": every interface)."""
+def bind_sockets(
+    host: str | None, port: int, *, backlog: int | None = 1024, reuse_port: bool = False
+) -> list[socket.socket]:
+    """A listening socket per address of ``host`` (None or "": every interface).
+
+    ``reuse_port``: with SO_REUSEPORT, so that several processes (``fastserve.workers``)
+    each listen on the port and the kernel spreads new connections among them.
+    ``backlog=None``: bound, not listening; such a socket holds the port (port 0: picks it)
+    and is given no connections."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -98,6 +106,8 @@ def _bind(host: str | None, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # an IPv6 socket beside an IPv4 one on the same port would clash otherwise
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -107,7 +117,8 @@ def _bind(host: str | None, port: int, backlog: int) -> list[socket.socket]:
                 raise OSError(
                     exc.errno, f"cannot listen on {address[:2]}: {exc.strerror}"
                 ) from None
-            sock.listen(backlog)
+            if backlog is not None:
+                sock.listen(backlog)
             sock.setblocking(False)
             port = sock.getsockname()[1]
     except BaseException:
