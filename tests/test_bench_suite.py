@@ -38,6 +38,7 @@ import heavy_model  # noqa: E402
 import request_cost  # noqa: E402
 import serving  # noqa: E402
 import suite  # noqa: E402
+import workers as workers_bench  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -127,6 +128,31 @@ def test_every_body_the_suite_sends_is_answered_correctly(
     )
     if encoding == "binary":  # binary in, binary out
         assert all("binary_data_size" in o["parameters"] for o in doc["outputs"])
+
+
+def test_the_workers_bench_measures_a_group_once_every_worker_serves(tmp_path: Path) -> None:
+    """bench/workers.py's ``Group`` returns only when each worker has loaded both models, so
+    no run measures a group whose second worker is still loading."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    repo, _, _ = suite.prepare(tmp_path)
+    group = workers_bench.Group(repo, "0", 2, tmp_path / "state.db")
+    try:
+        with urllib.request.urlopen(f"{group.url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        for worker in ("0", "1"):
+            for model in (suite.SMALL, suite.HEAVY):
+                assert (
+                    f'fastserve_model_versions{{model="{model}",state="READY",worker="{worker}"}}'
+                    " 1.0" in text
+                )
+        for model in (suite.SMALL, suite.HEAVY):
+            rows = example_rows(suite.SMALL, 2)
+            doc, _ = _post(group.url.removeprefix("http://"), suite.v2_request(model, rows, "json"))
+            assert doc["model_name"] == model
+    finally:
+        group.stop()
+    assert group.proc.returncode == 0
 
 
 def test_the_heavy_model_is_served_with_the_same_bodies(served: tuple[ServerProcess, Path]) -> None:

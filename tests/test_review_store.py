@@ -154,6 +154,56 @@ async def test_a_large_flush_of_every_table_is_split_into_statements_sqlite_acce
         await store.close()
 
 
+async def test_a_flush_that_finds_the_file_locked_keeps_its_records_for_the_next(
+    tmp_path: Path,
+) -> None:
+    # another process (a sibling worker, say) holds the write lock past the busy timeout
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, busy_timeout_s=0.05)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        for i in range(5):
+            note(store, f"r{i}", 1)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await store.flush()
+        assert store.waiting() == 5 and store.dropped == 0
+        note(store, "r5", 0)
+        other.execute("COMMIT")
+        await store.flush()
+        assert store.waiting() == 0
+        rows = await store.query("SELECT request_id FROM predictions ORDER BY request_id")
+        assert rows == [(f"r{i}",) for i in range(6)]
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_failed_flush_keeps_at_most_max_buffered_records(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=4, busy_timeout_s=0)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        for i in range(4):
+            note(store, f"r{i}", 1)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError):
+            await store.flush()
+        for i in range(4, 8):  # the buffer is full again, the kept rows beside it
+            note(store, f"r{i}", 1)
+        with pytest.raises(sqlite3.OperationalError):
+            await store.flush()
+        # the second failure held 8 rows: the newest 4 are kept, 4 dropped and counted
+        assert (store.waiting(), store.dropped) == (4, 4)
+        other.execute("COMMIT")
+        await store.flush()
+        rows = await store.query("SELECT request_id FROM predictions ORDER BY request_id")
+        assert rows == [(f"r{i}",) for i in range(4, 8)]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_retention_deletes_old_records_but_keeps_promotions(tmp_path: Path) -> None:
     store = ReviewStore(tmp_path / "s.db")
     await store.open()

@@ -77,6 +77,16 @@ def _workers_of(server: ServerProcess) -> list[int]:
     return sorted(int(child) for child in children)
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has: whoever adopted it
+    may not reap it at once)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _serving(server: ServerProcess) -> int:
     """Workers started so far (each start, restarts included, is logged once)."""
     return len(re.findall(r"fastserve.workers: worker \d+: serving\n", server.log.read_text()))
@@ -140,6 +150,22 @@ def test_workers_share_the_port_and_answer_as_one_server(repo: Path) -> None:
         log = server.log.read_text()
         assert "died (signal SIGKILL): starting it again" in log
         assert log.count("fastserve.server: stopped") == 2
+    finally:
+        server.stop()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(repo: Path) -> None:
+    server = ServerProcess(repo, "--workers", "2")
+    try:
+        server.wait_ready()
+        _wait_for(lambda: _serving(server) == 2)
+        workers = _workers_of(server)
+        run_dir = re.search(r"control sockets in (\S+)", server.log.read_text())
+        assert run_dir is not None
+        server.proc.kill()  # SIGKILL: the supervisor cannot tell them
+        _wait_for(lambda: not any(_running(pid) for pid in workers), 30)
+        assert server.log.read_text().count("the supervisor is gone: stopping") == 2
+        assert not Path(run_dir[1]).exists()
     finally:
         server.stop()
 

@@ -56,7 +56,11 @@ class Server:
             ServingCollector(self.registry.models, lambda: self.state.inflight)
         )
         self.review = Review(
-            ReviewStore(config.state_path, retention_days=config.retention_days),
+            ReviewStore(
+                config.state_path,
+                retention_days=config.retention_days,
+                prune=worker is None or worker.index == 0,
+            ),
             self.registry.metrics,
         )
         self.registry.metrics.registry.register(
@@ -207,6 +211,9 @@ class Server:
         if self.worker is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.worker.control_path().unlink()
+            if self.worker.orphaned():  # no supervisor to remove the group's folder
+                with contextlib.suppress(OSError):  # (not the last worker out)
+                    self.worker.run_dir.rmdir()
         log.info("stopped")
 
     async def serve_forever(self) -> None:

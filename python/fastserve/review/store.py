@@ -195,14 +195,25 @@ class ReviewStore:
         retention_days: float = 7.0,
         flush_interval_s: float = FLUSH_INTERVAL_S,
         max_buffered: int = 100_000,
+        prune: bool = True,
+        busy_timeout_s: float = 5.0,
     ) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        """How long a write waits for the file's lock that another process (a sibling
+        worker) holds, before it fails (observed records: kept for the next flush)."""
+        self.prune_every_s = 60.0 if prune else None
+        """How often records past the retention are deleted (None: never; of several
+        workers sharing the file, one prunes it)."""
         self.retention_s = retention_days * 86400.0
         self.flush_interval_s = flush_interval_s
         self.max_buffered = max_buffered
         self.dropped = 0
         """Observed records dropped because the buffer was full."""
         self._buffer: list[tuple[str, tuple[Any, ...]]] = []
+        self._unwritten: dict[str, list[tuple[Any, ...]]] = {}
+        """Rows of a flush that failed (the database locked past the busy timeout by another
+        worker, a full disk): written first by the next flush (only the store's thread)."""
         self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
         self._sources: list[tuple[str, Callable[[int], list[tuple[Any, ...]]]]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-store")
@@ -232,7 +243,7 @@ class ReviewStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # first: several workers (``fastserve.workers``) open the file at once, and the
         # next statements need its lock
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA busy_timeout={round(self.busy_timeout_s * 1000)}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
@@ -267,7 +278,7 @@ class ReviewStore:
 
     def waiting(self) -> int:
         """Records noted (``note``) and not yet written; a source counts its own."""
-        return len(self._buffer)
+        return len(self._buffer) + sum(len(rows) for rows in self._unwritten.values())
 
     def add_source(self, table: str, drain: Callable[[int], list[tuple[Any, ...]]]) -> None:
         """Have each flush also write the rows ``drain(limit)`` returns (called on the
@@ -284,7 +295,7 @@ class ReviewStore:
         if self._db is None:
             return
         db = self._db
-        rows: dict[str, list[tuple[Any, ...]]] = {}
+        rows, self._unwritten = self._unwritten, {}
         drained = 0
         for table, drain in self._sources:
             # at most max_buffered rows a source a flush: records that keep arriving while
@@ -303,22 +314,41 @@ class ReviewStore:
             return
         db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
         try:
-            with _transaction(db):
-                inserted = 0
-                for table, values in rows.items():
-                    width = len(values[0])  # (every row of a table has its columns)
-                    start, most = 0, _MAX_VARIABLES // width
-                    while start < len(values):
-                        size = PIECE if inserted < GIVE_WAY_RECORDS else most
-                        piece = values[start : start + size]
-                        sql = _insert_sql(table, len(piece), width)
-                        db.execute(sql, list(chain.from_iterable(piece)))
-                        start += len(piece)
-                        inserted += len(piece)
-                        if inserted <= GIVE_WAY_RECORDS:
-                            _give_way()
+            self._write(db, rows)
+        except sqlite3.Error:
+            self._keep_unwritten(rows)
+            raise
         finally:
             db.execute("PRAGMA synchronous=FULL")
+
+    def _keep_unwritten(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Keep the rows of a failed flush for the next one, the newest ``max_buffered`` of
+        them (the rest are dropped and counted)."""
+        room, unwritten = self.max_buffered, {}
+        for table, values in rows.items():
+            kept = values[-room:] if room > 0 else []
+            self.dropped += len(values) - len(kept)
+            room -= len(kept)
+            if kept:
+                unwritten[table] = kept
+        self._unwritten = unwritten  # whole: the loop may be counting it (``waiting``)
+
+    def _write(self, db: sqlite3.Connection, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Insert ``rows`` (by table) in one transaction, giving way between pieces."""
+        with _transaction(db):
+            inserted = 0
+            for table, values in rows.items():
+                width = len(values[0])  # (every row of a table has its columns)
+                start, most = 0, _MAX_VARIABLES // width
+                while start < len(values):
+                    size = PIECE if inserted < GIVE_WAY_RECORDS else most
+                    piece = values[start : start + size]
+                    sql = _insert_sql(table, len(piece), width)
+                    db.execute(sql, list(chain.from_iterable(piece)))
+                    start += len(piece)
+                    inserted += len(piece)
+                    if inserted <= GIVE_WAY_RECORDS:
+                        _give_way()
 
     async def _flush_periodically(self) -> None:
         last_prune = 0.0
@@ -326,7 +356,8 @@ class ReviewStore:
             await asyncio.sleep(self.flush_interval_s)
             try:
                 await self._call(self._flush)
-                if time.monotonic() - last_prune > 60.0:
+                every = self.prune_every_s
+                if every is not None and time.monotonic() - last_prune > every:
                     last_prune = time.monotonic()
                     await self._call(self._prune, time.time() - self.retention_s)
             except sqlite3.Error as exc:  # a full disk must not stop serving
