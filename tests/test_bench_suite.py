@@ -314,6 +314,25 @@ def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     assert suite.paired({"runs": []}, ref, "rps") == ""
 
 
+def test_the_heavy_verdicts_read_the_one_row_and_the_many_row_case_apart() -> None:
+    def case(rows: int, rps: float) -> dict[str, Any]:
+        return {"group": "heavy", "server": suite.FASTSERVE, "model": suite.HEAVY,
+                "rows": rows, "connections": 64, "median": {"rps": rps}}  # fmt: skip
+
+    results = {  # the many-row case first: the one-row verdict must not take it
+        "cases": [case(suite.HEAVY_ROWS, 1_000.0), case(1, 5_000.0)],
+        "ceiling_rows_per_s": {suite.HEAVY: {"45": 19_000.0, "64": 20_000.0}},
+        "formed_batch_rows": {suite.HEAVY: 45},
+    }
+    verdicts = {v["name"].split(":")[0]: v for v in suite.targets(results)}
+    one = verdicts["heavy, 64 conn"]
+    assert one["text"].startswith("0.25x (5,000 rows/s vs 20,000 at batch 64)")
+    assert "at the formed batch (45 rows): 0.26x" in one["text"] and one["met"] is False
+    many = verdicts[f"heavy, 64 conn, {suite.HEAVY_ROWS}-row requests"]
+    assert many["text"].startswith("0.80x (16,000 rows/s vs 20,000 at batch 64)")
+    assert many["met"] is None
+
+
 @pytest.fixture
 async def cost_server(demo_repo: Path, tmp_path: Path) -> AsyncIterator[Server]:
     """A real server in-process, serving what bench/request_cost.py measures."""
