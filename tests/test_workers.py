@@ -112,6 +112,19 @@ def test_workers_share_the_port_and_answer_as_one_server(repo: Path) -> None:
         by_worker = _successes_by_worker(server)
         assert sum(by_worker.values()) == 40
         assert set(by_worker) == {"0", "1"} and min(by_worker.values()) > 0, by_worker
+        # Triton's statistics too: the group's, whichever worker answers
+        for path in ("/v2/models/adder/stats", "/v2/models/stats"):
+            status, doc = _call(server, path)
+            assert status == 200, doc
+            (adder,) = [m for m in doc["model_stats"] if m["name"] == "adder"]
+            assert adder["inference_count"] == 40
+            assert adder["inference_stats"]["success"]["count"] == 40
+            batches = sum(b["compute_infer"]["count"] for b in adder["batch_stats"])
+            assert batches == adder["execution_count"]
+            sizes = [b["batch_size"] for b in adder["batch_stats"]]
+            assert sizes == sorted(set(sizes))
+        status, doc = _call(server, "/v2/models/nope/stats")
+        assert status == 404
 
         # the repository API acts in every worker before it answers
         status, doc = _call(server, "/v2/repository/models/adder/unload", {}, admin=True)

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastserve.config import ServerConfig
 from fastserve.http.listener import bind_sockets
@@ -183,6 +183,43 @@ class _Families:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.families
+
+
+async def group_statistics(worker: Worker, own: dict[str, Any], path: str) -> dict[str, Any]:
+    """Triton's statistics document (``{"model_stats": [...]}``) of the whole group: this
+    worker's ``own`` and the siblings' for the same ``path``, each model version's counts
+    and durations added up (per batch size too), its latest inference the latest of all.
+    A sibling that does not answer, or does not serve the model now, is left out."""
+    import orjson
+
+    merged = {(m["name"], m["version"]): m for m in own["model_stats"]}
+    for index, answer in (await ask_siblings(worker, "GET", path)).items():
+        if isinstance(answer, str) or answer[0] != 200:
+            log.warning("worker %d: no statistics from worker %d: %s", worker.index, index,
+                        answer if isinstance(answer, str) else answer[0])  # fmt: skip
+            continue
+        for stats in orjson.loads(answer[1])["model_stats"]:
+            key = (stats["name"], stats["version"])
+            merged[key] = _added(merged[key], stats) if key in merged else stats
+    return {"model_stats": list(merged.values())}
+
+
+def _added(a: Any, b: Any, key: str = "") -> Any:
+    """Two workers' statistics of one model version as one."""
+    if isinstance(a, dict):
+        return {k: _added(a.get(k), b.get(k), k) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}  # fmt: skip
+    if key == "batch_stats":  # [{"batch_size": n, ...}]: by batch size
+        sizes = {s["batch_size"]: s for s in a}
+        for s in b:
+            size = s["batch_size"]
+            sizes[size] = _added(sizes[size], s) if size in sizes else s
+        return [sizes[size] for size in sorted(sizes)]
+    if key == "last_inference":
+        return max(a, b)
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and key != "batch_size":
+        return a + b
+    return a  # the model's name and version, a batch's size
 
 
 async def tell_siblings(

@@ -41,7 +41,7 @@ from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
-from fastserve.workers import Worker, from_sibling, group_metrics
+from fastserve.workers import Worker, from_sibling, group_metrics, group_statistics
 
 if TYPE_CHECKING:
     from fastserve.http.fastpath import FastPath
@@ -215,6 +215,9 @@ class Dispatcher:
             return http_errors.method_not_allowed(request, "GET, HEAD")
         try:
             read = READS.get(action)
+            if action in GROUP_READS and self.state.worker and not from_sibling(request):
+                own = statistics_doc(self.state, model, version)  # (an unknown model: 404)
+                return _json(await group_statistics(self.state.worker, own, request.path_qs))
             if read is not None:
                 return read(self.state, model, version)
             return await self._get[action](request, self.state, model, version)
@@ -305,10 +308,15 @@ def model_config(state: ServerState, model: str | None, version: str | None) -> 
     return _json(doc)
 
 
-def model_stats(state: ServerState, model: str | None, version: str | None) -> web.Response:
+def statistics_doc(state: ServerState, model: str | None, version: str | None) -> dict[str, Any]:
+    """Triton's statistics extension: every model's (no ``model``) or one version's."""
     registry = state.registry
     models = registry.models() if model is None else [registry.get(model, version)]
-    return _json({"model_stats": [m.statistics() for m in models]})
+    return {"model_stats": [m.statistics() for m in models]}
+
+
+def model_stats(state: ServerState, model: str | None, version: str | None) -> web.Response:
+    return _json(statistics_doc(state, model, version))
 
 
 READS: dict[str, Read] = {
@@ -322,6 +330,8 @@ READS: dict[str, Read] = {
     "stats": model_stats,
 }
 """The GET routes that need nothing of the request but its path."""
+GROUP_READS = frozenset({"stats", "all_stats"})
+"""The reads that one of several workers answers for the group (``fastserve.workers``)."""
 
 
 async def model_drift(

@@ -44,6 +44,7 @@ from fastserve.errors import RequestTimeout
 from fastserve.http import errors as http_errors
 from fastserve.http.app import (
     COMPRESS_MIN_BYTES,
+    GROUP_READS,
     READS,
     Read,
     ServerState,
@@ -172,6 +173,8 @@ class FastPath:
         except KeyError:
             pass
         route = _resolve(method, url)
+        if route is not None and route.action in GROUP_READS and self.state.worker is not None:
+            route = None  # one of several workers: aiohttp's side asks the others too
         if len(self.routes) < _ROUTES_KEPT:
             self.routes[key] = route
         return route
