@@ -19,9 +19,10 @@ What runs (the default; about 22 minutes with four peers installed, 15 without):
   and msgpack bodies of 1, 16 and 64 rows (64 x 30 = 1,920 floats).
 - heavy: the compute-heavy MLP (bench/heavy_model.py, hundreds of µs a row at batch 1),
   one row, JSON, at 1 and 64 connections: fastserve, plain and pure-Python batcher, and
-  fastserve at 64 connections with 16-row requests (``HEAVY_ROWS``); then the model ceiling, onnxruntime ``session.run`` in-process on the server core, at batch 1,
-  8, 16, 32, 64 and at the batch size fastserve formed at 64 connections (its
-  ``/v2/models/heavy/stats``); the same ceiling for the small model.
+  fastserve at 64 connections with 16-row requests (``HEAVY_ROWS``); then the model
+  ceiling, onnxruntime ``session.run`` in-process on the server core, at batch 1, 8, 16,
+  32, 64 and at the batch size fastserve formed at 64 connections with one-row requests
+  (its ``/v2/models/heavy/stats``); the same ceiling for the small model.
 - open: open loop with Poisson arrivals at 0.25, 0.5, 0.75, 0.9, 1.1 and 1.3 x fastserve's
   closed-loop throughput at 64 connections (so past the knee, where queueing shows), for
   fastserve and the plain server, small model, one row, JSON: offered vs achieved rate and

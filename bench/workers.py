@@ -16,7 +16,9 @@ what a second core buys when the load generator takes part of it, a lower bound 
 scaling on a machine where the workers have cores of their own. Every round runs each
 setup once, in turn, the other paused (SIGSTOP), after a warm-up run; each figure is the
 median of the rounds. Server CPU a request counts the supervisor and every worker
-(``suite.tree_cpu_seconds``).
+(``suite.tree_cpu_seconds``). ``stolen %``: of the run's time, the most either CPU had
+stolen by the hypervisor (``/proc/stat``); on this VM it reaches 50 % in busy hours, and a
+run with much stolen time measures the neighbours as much as the server.
 """
 
 from __future__ import annotations
@@ -79,14 +81,24 @@ class Group:
         self.proc.wait(timeout=60)
 
 
+def steal_ticks() -> list[int]:
+    """Clock ticks each CPU has had stolen so far (``/proc/stat``'s eighth field: the
+    hypervisor ran something else while this VM wanted the CPU)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    return [int(line.split()[8]) for line in lines if re.match(r"cpu\d+ ", line)]
+
+
 def run_once(group: Group, path: str, body: Path, headers: dict[str, str],
              connections: int, duration: float) -> dict[str, Any]:  # fmt: skip
     url = f"{group.url}{path}"
     before = suite.tree_cpu_seconds(group.proc.pid)
+    stolen = steal_ticks()
     start = time.perf_counter()
     result = suite.wrk_run(url, body, headers, connections, duration)
     wall = time.perf_counter() - start
     cpu = suite.tree_cpu_seconds(group.proc.pid) - before
+    stolen = [after - was for after, was in zip(steal_ticks(), stolen, strict=True)]
+    result["steal_pct"] = 100.0 * max(stolen) / suite.CLOCK_TICKS / wall
     result["cpu_us_per_req"] = cpu / max(1, result["requests"]) * 1e6
     result["server_cpu_pct"] = 100.0 * cpu / wall
     if result["non_2xx"] or result["socket_errors"]:
@@ -125,12 +137,12 @@ def main() -> None:
                         result = run_once(group, path, body, headers, args.connections, duration)
                     if rnd:
                         results.setdefault((label, name), []).append(result)
-                        print(f"{label:5} round {rnd} {name:9}: {result['rps']:8.0f} req/s",
-                              flush=True)  # fmt: skip
+                        print(f"{label:5} round {rnd} {name:9}: {result['rps']:8.0f} req/s, "
+                              f"{result['steal_pct']:3.0f} % stolen", flush=True)  # fmt: skip
         print()
         print(f"| {args.connections} connections, 1 row, JSON | req/s | vs 1 worker (paired) "
-              "| p50 ms | p99 ms | server CPU µs/req | server CPU % |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|")
+              "| p50 ms | p99 ms | server CPU µs/req | server CPU % | stolen % |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for label in args.models:
             base_runs = results[(label, "1 worker")]
             base = statistics.median(r["rps"] for r in base_runs)
@@ -147,7 +159,8 @@ def main() -> None:
                 )
                 print(f"| {label}, {name} | {med('rps'):,.0f} | {med('rps') / base:.2f}x "
                       f"({paired:.2f}x) | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} | "
-                      f"{med('cpu_us_per_req'):.0f} | {med('server_cpu_pct'):.0f} |")  # fmt: skip
+                      f"{med('cpu_us_per_req'):.0f} | {med('server_cpu_pct'):.0f} | "
+                      f"{med('steal_pct'):.0f} |")  # fmt: skip
     finally:
         for group in groups.values():
             group.stop()

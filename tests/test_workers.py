@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -136,6 +138,17 @@ def test_workers_share_the_port_and_answer_as_one_server(repo: Path) -> None:
         status, doc = _call(server, "/v2/repository/models/adder/load", {}, admin=True)
         assert status == 200 and doc["workers"] == {"0": "applied", "1": "applied"}, doc
         assert all(_add(server, i)[0] == 200 for i in range(10))
+        # the command line's view of the same
+        cli = subprocess.run(
+            [sys.executable, "-m", "fastserve", "models", "--url", f"http://{server.url}",
+             "unload", "adder"],
+            env={**os.environ, "FASTSERVE_ADMIN_TOKEN": TOKEN}, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert (cli.returncode, cli.stdout, cli.stderr) == (0, "adder: unloaded\n", "")
+        assert _add(server, 1)[0] == 503 and _add(server, 2)[0] == 503
+        status, doc = _call(server, "/v2/repository/models/adder/load", {}, admin=True)
+        assert status == 200 and doc["workers"] == {"0": "applied", "1": "applied"}, doc
         # an unknown model is refused where the request landed, before a sibling is asked
         status, doc = _call(server, "/v2/repository/models/nope/load", {}, admin=True)
         assert status == 404 and "nope" in doc["error"]
@@ -148,6 +161,11 @@ def test_workers_share_the_port_and_answer_as_one_server(repo: Path) -> None:
         # ask once the supervisor has reaped it. (Its pid shows as a zombie earlier, while
         # its other threads, which hold its sockets, are still exiting.)
         _wait_for(lambda: workers[0] not in _workers_of(server))
+        # until it is back (a second, then its start), the repository API says it is behind
+        status, doc = _call(server, "/v2/repository/models/adder/load", {}, admin=True)
+        assert status == 200
+        outcomes = sorted(doc["workers"].values())
+        assert outcomes[0] == "applied" and outcomes[1].startswith("no answer"), doc
         for i in range(20):
             status, doc = _add(server, i)
             assert status == 200, doc

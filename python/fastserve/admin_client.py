@@ -203,14 +203,20 @@ def _run(args: argparse.Namespace) -> int:
         result = call(args.url, path, token, body)
         if action == "unload":
             print(f"{args.model}: unloaded")
-            return
-        if result.get("gate"):
-            print(format_gate(result["gate"]))
-        versions = ", ".join(result["versions"])
-        before = result.get("previous")
-        change = f" (was {before})" if before and before != result["primary"] else ""
-        forced = " (gate overridden with --force, recorded)" if result.get("forced") else ""
-        print(f"{args.model}: primary {result['primary']}{change}{forced}; loaded: {versions}")
+        else:
+            if result.get("gate"):
+                print(format_gate(result["gate"]))
+            versions = ", ".join(result["versions"])
+            before = result.get("previous")
+            change = f" (was {before})" if before and before != result["primary"] else ""
+            forced = " (gate overridden with --force, recorded)" if result.get("forced") else ""
+            print(f"{args.model}: primary {result['primary']}{change}{forced}; loaded: {versions}")
+        # a server of several workers (serve --workers): one that did not follow is an error
+        behind = {w: how for w, how in result.get("workers", {}).items() if how != "applied"}
+        for worker, how in sorted(behind.items(), key=lambda kv: int(kv[0])):
+            print(f"fastserve: worker {worker} did not follow: {how}", file=sys.stderr)
+        if behind:
+            raise SystemExit(1)
 
     return _asking(args, action, ask)
 
