@@ -19,14 +19,17 @@ What is per process, and how the group still answers as one server:
   returns every series with a ``worker`` label, and ``fastserve_worker_up`` per worker.
   ``sum without (worker)`` gives the server's totals; the shipped dashboard and alert
   rules already aggregate with ``sum by``.
+* Triton's statistics routes: the same way, each model version's counts and durations
+  added up over the workers.
 * The repository API: ``load``, ``unload``, ``promote`` and ``rollback`` act in the worker
   that got the request (a promotion's gate and record happen once), which then has each
   sibling ``load`` the model's folder (``unload`` for an unload): every worker serves the
   same versions when the answer comes back, and the answer says how each worker fared.
   Edits of the repository reach every worker through its own watcher.
-* The statistics and drift routes and the review queue's ``max_pending`` count are each
-  worker's own; alerts to a webhook are evaluated by worker 0 on its share of traffic.
-  The review store is one SQLite file that every worker writes (WAL, one writer at a time).
+* The drift route and the review queue's ``max_pending`` count are each worker's own;
+  alerts to a webhook are evaluated by worker 0 on its share of traffic, and worker 0
+  alone prunes old records. The review store is one SQLite file that every worker writes
+  (WAL, one writer at a time; a flush that finds it locked keeps its records).
 """
 
 from __future__ import annotations
@@ -227,12 +230,14 @@ async def tell_siblings(
 ) -> dict[str, str]:
     """Have every sibling ``load`` or ``unload`` ``model`` (the repository API, over the
     control sockets); per worker (by index, this one included): "applied" or why not."""
+    from urllib.parse import quote
+
     import orjson
 
     answers = await ask_siblings(
         worker,
         "POST",
-        f"/v2/repository/models/{model}/{action}",
+        f"/v2/repository/models/{quote(model, safe='')}/{action}",
         headers={"Authorization": authorization},
         timeout_s=SIBLING_LOAD_TIMEOUT_S,
     )
