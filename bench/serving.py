@@ -117,6 +117,24 @@ def thread_cpu(pid: int) -> dict[str, tuple[float, int]]:
     return threads
 
 
+def steal_ticks() -> list[int]:
+    """Clock ticks each CPU has had stolen so far (``/proc/stat``'s eighth field: the
+    hypervisor ran something else while this VM wanted the CPU); [] where there is none."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return []
+    return [int(line.split()[8]) for line in lines if re.match(r"cpu\d+ ", line)]
+
+
+def stolen_pct(before: list[int], wall_s: float) -> float:
+    """Of ``wall_s`` since ``before`` (``steal_ticks()``), the share the most-robbed CPU
+    had stolen, in %."""
+    stolen = [after - was for after, was in zip(steal_ticks(), before, strict=False)]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return 100.0 * max(stolen, default=0) / ticks / max(wall_s, 1e-9)
+
+
 def wait_ready(url: str, timeout_s: float = 60.0) -> bool:
     """Whether ``url``'s ``/v2/health/ready`` answered within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -44,9 +44,10 @@ rounds. Server CPU per request is utime + stime of the server process and its de
 (``/proc/PID/stat``, children from ``/proc/PID/task/*/children``) over the run, divided by
 the responses it completed. The other servers are stopped (SIGSTOP) meanwhile, so that
 their idle housekeeping stays off CPU 0 (all but PyTriton, which aborts when continued);
-their CPU over each run is recorded too (``idle_others_cpu_pct``). Compare ratios within
-one run:
-absolute figures move with the machine.
+their CPU over each run is recorded too (``idle_others_cpu_pct``), and so is the time the
+hypervisor stole from the busiest CPU (``steal_pct``, from ``/proc/stat``; a case past
+``STEAL_FLAG_PCT`` is flagged under the table). Compare ratios within one run: absolute
+figures move with the machine.
 
 fastserve serves the demo models as ``fastserve serve`` does by default (the demo's value
 schema, prediction recording and monitoring on) with ``serving.CONFIGS["batching"]`` and
@@ -105,6 +106,8 @@ LLHTTP_CEILING = "HTTP-stack ceiling, llhttp (fastserve's fast path)"
 PLAIN = "plain, one at a time"
 PYBATCH = "pure-Python batcher"
 MAX_BATCH = 64
+STEAL_FLAG_PCT = 10.0
+"""A case whose median run had more of a CPU's time stolen by the hypervisor is flagged."""
 HEAVY_ROWS = 16
 """Rows a request in the heavy group's second fastserve case at 64 connections: the one-row
 case shows what the HTTP path costs beside the model; this one, the same model when each
@@ -564,12 +567,14 @@ class Bench:
         with paused(pause):
             idle_before = sum(tree_cpu_seconds(p) for p in others)
             cpu_before = tree_cpu_seconds(target.pid)
+            stolen = serving.steal_ticks()
             start = time.perf_counter()
             if case.rate:
                 result = open_loop_run(url, body, headers, case.rate, duration, self.matrix.warmup)
             else:
                 result = wrk_run(url, body, headers, case.connections, duration)
             wall = time.perf_counter() - start
+            result["steal_pct"] = serving.stolen_pct(stolen, wall)
             result["settle_s"] = target.settle()
             cpu = tree_cpu_seconds(target.pid) - cpu_before
             idle = sum(tree_cpu_seconds(p) for p in others) - idle_before
@@ -1262,6 +1267,17 @@ def render(results: dict[str, Any]) -> str:
     ]
     if noisy:
         lines.append(f"idle servers used > 5 % of a core during: {noisy}")
+    robbed = [
+        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
+        f"({c['median']['steal_pct']:.0f} %)"
+        for c in results["cases"]
+        if c["median"].get("steal_pct", 0) > STEAL_FLAG_PCT
+    ]
+    if robbed:
+        lines.append(
+            f"the hypervisor took > {STEAL_FLAG_PCT:g} % of a CPU (steal; the run measured "
+            f"the neighbours too) during: {robbed}"
+        )
     starved = [
         f"{c['server']} {c['group']} {c['connections']} conn "
         f"({c['median']['server_cpu_pct']:.0f} %)"

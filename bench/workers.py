@@ -81,24 +81,16 @@ class Group:
         self.proc.wait(timeout=60)
 
 
-def steal_ticks() -> list[int]:
-    """Clock ticks each CPU has had stolen so far (``/proc/stat``'s eighth field: the
-    hypervisor ran something else while this VM wanted the CPU)."""
-    lines = Path("/proc/stat").read_text().splitlines()
-    return [int(line.split()[8]) for line in lines if re.match(r"cpu\d+ ", line)]
-
-
 def run_once(group: Group, path: str, body: Path, headers: dict[str, str],
              connections: int, duration: float) -> dict[str, Any]:  # fmt: skip
     url = f"{group.url}{path}"
     before = suite.tree_cpu_seconds(group.proc.pid)
-    stolen = steal_ticks()
+    stolen = serving.steal_ticks()
     start = time.perf_counter()
     result = suite.wrk_run(url, body, headers, connections, duration)
     wall = time.perf_counter() - start
     cpu = suite.tree_cpu_seconds(group.proc.pid) - before
-    stolen = [after - was for after, was in zip(steal_ticks(), stolen, strict=True)]
-    result["steal_pct"] = 100.0 * max(stolen) / suite.CLOCK_TICKS / wall
+    result["steal_pct"] = serving.stolen_pct(stolen, wall)
     result["cpu_us_per_req"] = cpu / max(1, result["requests"]) * 1e6
     result["server_cpu_pct"] = 100.0 * cpu / wall
     if result["non_2xx"] or result["socket_errors"]:

@@ -303,6 +303,15 @@ def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
         assert deadline, "the paused tree did not continue"
 
 
+def test_stolen_time_is_read_per_cpu_and_reported_for_the_most_robbed() -> None:
+    ticks = serving.steal_ticks()
+    assert len(ticks) == os.cpu_count() and all(t >= 0 for t in ticks)
+    assert 0.0 <= serving.stolen_pct(ticks, 10.0) < 100.0
+    # as if CPU 0 had had half a second stolen in the last second: 50 % at least
+    earlier = [ticks[0] - os.sysconf("SC_CLK_TCK") // 2, *ticks[1:]]
+    assert serving.stolen_pct(earlier, 1.0) >= 50.0
+
+
 def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     # a slow first round for both sides still pairs as 2x; a reference round that alone was
     # slow shows in its own pair, and the median of the pairs stays put
