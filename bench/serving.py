@@ -62,6 +62,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_list(text: str) -> list[int]:
+    """The CPUs of a ``taskset -c`` list ("0", "0-3", "0-3,8,10-11"), in order; ValueError
+    for anything else."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        low, high = int(first), int(last) if dash else int(first)
+        if low < 0 or high < low:
+            raise ValueError(f"not a CPU list: {text!r}")
+        cpus += [cpu for cpu in range(low, high + 1) if cpu not in cpus]
+    return cpus
+
+
 def pinned(cpu: str) -> list[str]:
     return (
         ["taskset", "-c", cpu]

@@ -3,6 +3,7 @@ run, with a table, a targets block, JSON and a plot.
 
     python bench/suite.py [--quick] [--out DIR] [--duration S] [--repeats N] [--skip-peers]
                           [--groups headline encodings heavy open]
+                          [--server-cpus 0] [--client-cpus 1] [--workers 1]
 
 Writes DIR/suite.json and DIR/suite.png (default DIR: bench/results/) and prints a markdown
 table and the targets block (each target: the ratio, the bound, met or MISSED).
@@ -48,6 +49,12 @@ their CPU over each run is recorded too (``idle_others_cpu_pct``), and so is the
 hypervisor stole from the busiest CPU (``steal_pct``, from ``/proc/stat``; a case past
 ``STEAL_FLAG_PCT`` is flagged under the table). Compare ratios within one run: absolute
 figures move with the machine.
+
+On a machine with more cores, ``--server-cpus 0-7 --client-cpus 8-15 --workers 8`` gives
+the servers eight CPUs (every server, peers included, is pinned to the list), wrk a thread
+on each client CPU, fastserve eight worker processes, and measures the model ceiling in
+eight processes at once, one a server CPU, their rates added. The peers run as
+``bench/peers.py`` starts them (one process each, as configured there).
 
 fastserve serves the demo models as ``fastserve serve`` does by default (the demo's value
 schema, prediction recording and monitoring on) with ``serving.CONFIGS["batching"]`` and
@@ -106,6 +113,9 @@ LLHTTP_CEILING = "HTTP-stack ceiling, llhttp (fastserve's fast path)"
 PLAIN = "plain, one at a time"
 PYBATCH = "pure-Python batcher"
 MAX_BATCH = 64
+WORKERS = 1
+"""fastserve's worker processes (``--workers``; one per server CPU on a machine with the
+cores)."""
 STEAL_FLAG_PCT = 10.0
 """A case whose median run had more of a CPU's time stolen by the hypervisor is flagged."""
 HEAVY_ROWS = 16
@@ -282,11 +292,13 @@ class Target(Protocol):
 
 
 class FastserveTarget:
-    """``fastserve serve REPO`` (``serving.Served``, pinned to the server CPU)."""
+    """``fastserve serve REPO`` (``serving.Served``, pinned to the server CPUs), with
+    ``--workers WORKERS`` where the suite was given more than one."""
 
     def __init__(self, repo: Path, name: str = FASTSERVE, extra: list[str] | None = None) -> None:
         self.name = name
-        self.server = serving.Served(repo, extra=extra)
+        workers = ["--workers", str(WORKERS)] if WORKERS > 1 else []
+        self.server = serving.Served(repo, extra=[*(extra or []), *workers])
         self.url = self.server.url
         self.pid = self.server.proc.pid  # taskset execs the server: same pid
 
@@ -424,6 +436,11 @@ def start_peers(model_file: Path, skip: bool, started: list[Target]) -> dict[str
 # -- closed loop: wrk ----------------------------------------------------------------------
 
 
+def wrk_threads(connections: int) -> int:
+    """wrk's threads: one per client CPU, at most one per connection."""
+    return max(1, min(len(serving.cpu_list(serving.CLIENT_CPU)), connections))
+
+
 def wrk_run(
     url: str, body: Path, headers: dict[str, str], connections: int, duration: float
 ) -> dict[str, Any]:
@@ -438,7 +455,8 @@ def wrk_run(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(
-        [*serving.pinned(serving.CLIENT_CPU), "wrk", "-t1", f"-c{connections}",
+        [*serving.pinned(serving.CLIENT_CPU), "wrk", f"-t{wrk_threads(connections)}",
+         f"-c{connections}",
          f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", str(HERE / "wrk_post.lua"),
          url],
         capture_output=True, text=True, env=env, check=False,
@@ -852,30 +870,52 @@ def _openloop_main(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def on_server_cpu() -> Iterator[None]:
-    """Run this process on the server CPU for a while (the in-process model ceiling)."""
+def on_cpu(cpu: int) -> Iterator[None]:
+    """Run this process on CPU ``cpu`` for a while (the in-process model ceiling)."""
     before = os.sched_getaffinity(0)
     with contextlib.suppress(OSError):
         if len(before) > 1:
-            os.sched_setaffinity(0, {int(serving.SERVER_CPU)})
+            os.sched_setaffinity(0, {cpu})
     try:
         yield
     finally:
         os.sched_setaffinity(0, before)
 
 
-def model_ceiling(
-    model_file: Path, sizes: list[int], seconds: float, repeats: int
-) -> dict[int, float]:
-    """Rows/s of ``serving.ceiling`` at each batch size on the server CPU: the median of
-    ``repeats`` rounds over all the sizes."""
+def _ceiling_on(
+    cpu: int, model_file: Path, sizes: list[int], seconds: float, repeats: int
+) -> list[dict[int, float]]:
+    """``repeats`` rounds of ``serving.ceiling`` over ``sizes`` on CPU ``cpu``."""
     from fastserve.demo import example_rows
 
     rows = example_rows(SMALL, 1)
-    with on_server_cpu():
-        rounds = [
-            serving.ceiling(model_file, rows, sorted(set(sizes)), seconds) for _ in range(repeats)
-        ]
+    with on_cpu(cpu):
+        return [serving.ceiling(model_file, rows, sizes, seconds) for _ in range(repeats)]
+
+
+def model_ceiling(
+    model_file: Path, sizes: list[int], seconds: float, repeats: int
+) -> dict[int, float]:
+    """Rows/s of ``serving.ceiling`` at each batch size on the server CPUs: the median of
+    ``repeats`` rounds over all the sizes. With several server CPUs (``--server-cpus``),
+    one process a CPU runs them at once, and their rates add up: what the model gives on
+    the cores the servers have."""
+    cpus = serving.cpu_list(serving.SERVER_CPU)
+    sizes = sorted(set(sizes))
+    if len(cpus) == 1:
+        rounds = _ceiling_on(cpus[0], model_file, sizes, seconds, repeats)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no copy of this process's threads
+        with ProcessPoolExecutor(len(cpus), mp_context=context) as pool:
+            running = [
+                pool.submit(_ceiling_on, cpu, model_file, sizes, seconds, repeats) for cpu in cpus
+            ]
+            each = [future.result() for future in running]
+        rounds = [{size: sum(cpu[r][size] for cpu in each) for size in sizes}
+                  for r in range(repeats)]  # fmt: skip
     return {size: statistics.median(r[size] for r in rounds) for size in rounds[0]}
 
 
@@ -1430,7 +1470,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="a subset to run"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", help="headline connections")
+    parser.add_argument(
+        "--server-cpus", default=serving.SERVER_CPU, help="CPU list the servers run on (taskset "
+        f"-c; default {serving.SERVER_CPU}); several: the model ceiling runs on each at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-cpus", default=serving.CLIENT_CPU,
+        help=f"CPU list of the load (default {serving.CLIENT_CPU}); wrk runs a thread on each",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="fastserve's worker processes (serve --workers; default 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    global WORKERS
+    try:
+        server_cpus = serving.cpu_list(args.server_cpus)
+        client_cpus = serving.cpu_list(args.client_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if set(server_cpus) & set(client_cpus):
+        parser.error(
+            "--server-cpus and --client-cpus overlap: the load would steal the servers' CPU"
+        )
+    serving.SERVER_CPU, serving.CLIENT_CPU, WORKERS = (
+        args.server_cpus,
+        args.client_cpus,
+        args.workers,
+    )
     if not shutil.which("wrk"):
         sys.exit("wrk is needed for the closed loop: apt-get install wrk")
     matrix = QUICK if args.quick else DEFAULT

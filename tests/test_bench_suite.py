@@ -303,6 +303,37 @@ def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
         assert deadline, "the paused tree did not continue"
 
 
+def test_cpu_lists_read_as_taskset_writes_them() -> None:
+    assert serving.cpu_list("0") == [0]
+    assert serving.cpu_list("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
+    assert serving.cpu_list("2,0-2") == [2, 0, 1]
+    for bad in ("", "a", "3-1", "-1", "1,,2"):
+        with pytest.raises(ValueError):
+            serving.cpu_list(bad)
+
+
+def test_wrk_gets_a_thread_per_client_cpu_and_no_more_than_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(serving, "CLIENT_CPU", "1")
+    assert suite.wrk_threads(64) == 1
+    monkeypatch.setattr(serving, "CLIENT_CPU", "8-15")
+    assert (suite.wrk_threads(64), suite.wrk_threads(3), suite.wrk_threads(1)) == (8, 3, 1)
+
+
+@pytest.mark.parametrize("cpus", ["0", "0-1"])
+def test_the_model_ceiling_runs_on_every_server_cpu(
+    demo_repo: Path, monkeypatch: pytest.MonkeyPatch, cpus: str
+) -> None:
+    # one CPU: in this process; several: one process each, at once, their rates added
+    monkeypatch.setattr(serving, "SERVER_CPU", cpus)
+    model_file = demo_repo / "breast_cancer" / "1" / "model.onnx"
+    before = os.sched_getaffinity(0)
+    rates = suite.model_ceiling(model_file, [8, 1, 8], 0.05, 2)
+    assert sorted(rates) == [1, 8] and all(rate > 0 for rate in rates.values())
+    assert os.sched_getaffinity(0) == before
+
+
 def test_stolen_time_is_read_per_cpu_and_reported_for_the_most_robbed() -> None:
     ticks = serving.steal_ticks()
     assert len(ticks) == os.cpu_count() and all(t >= 0 for t in ticks)
