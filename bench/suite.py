@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -82,7 +83,7 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -117,7 +118,9 @@ WORKERS = 1
 """fastserve's worker processes (``--workers``; one per server CPU on a machine with the
 cores)."""
 STEAL_FLAG_PCT = 10.0
-"""A case whose median run had more of a CPU's time stolen by the hypervisor is flagged."""
+"""A run during which the hypervisor stole more of a CPU's time is run again (``unrobbed``);
+a case whose median run still had more is flagged."""
+STEAL_RETRIES = 2
 HEAVY_ROWS = 16
 """Rows a request in the heavy group's second fastserve case at 64 connections: the one-row
 case shows what the HTTP path costs beside the model; this one, the same model when each
@@ -624,12 +627,29 @@ class Bench:
         for round_no in range(m.repeats):
             for case in cases:
                 try:
-                    result = self._one(case, m.duration)
+                    result = unrobbed(functools.partial(self._one, case, m.duration), case.key)
                 except RuntimeError as exc:  # a server that died or never answered
                     result = {"error": str(exc)[:300], "socket_errors": 1, "requests": 0}
                 case.runs.append(result)
             print(f"[{label}] round {round_no + 1}/{m.repeats} done", flush=True)
         return cases
+
+
+def unrobbed(
+    run: Callable[[], dict[str, Any]], label: str, retries: int = STEAL_RETRIES
+) -> dict[str, Any]:
+    """``run()``, run again (up to ``retries`` times) while the hypervisor stole more than
+    ``STEAL_FLAG_PCT`` of a CPU during it: such a run measures the neighbours as much as
+    the server, and unevenly (at 07:02 on 2026-12-07 fastserve's 64-connection rounds had
+    3, 56 and 59 % stolen, PyTriton's 8, 8 and 39 %). The result keeps ``robbed_runs``,
+    the runs thrown away; the last is kept, flagged, if every try was robbed."""
+    for robbed in range(retries + 1):
+        result = run()
+        if result.get("steal_pct", 0.0) <= STEAL_FLAG_PCT or robbed == retries:
+            break
+        print(f"{label}: {result['steal_pct']:.0f} % of a CPU stolen, run again", flush=True)
+    result["robbed_runs"] = robbed
+    return result
 
 
 # -- open loop -----------------------------------------------------------------------------

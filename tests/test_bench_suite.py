@@ -303,6 +303,19 @@ def test_paused_stops_a_whole_process_tree_and_continues_it() -> None:
         assert deadline, "the paused tree did not continue"
 
 
+def test_a_run_the_hypervisor_robbed_is_run_again_a_bounded_number_of_times() -> None:
+    def runs(*steals: float) -> Any:
+        made = iter([{"steal_pct": steal, "try": i} for i, steal in enumerate(steals)])
+        return lambda: next(made)
+
+    assert suite.unrobbed(runs(2.0), "c") == {"steal_pct": 2.0, "try": 0, "robbed_runs": 0}
+    kept = suite.unrobbed(runs(55.0, 40.0, 3.0, 1.0), "c")
+    assert (kept["try"], kept["robbed_runs"]) == (2, 2)
+    kept = suite.unrobbed(runs(55.0, 40.0, 30.0, 1.0), "c")  # every try robbed: the last
+    assert (kept["try"], kept["robbed_runs"], kept["steal_pct"]) == (2, 2, 30.0)
+    assert suite.unrobbed(runs(55.0, 1.0), "c", retries=0)["try"] == 0
+
+
 def test_cpu_lists_read_as_taskset_writes_them() -> None:
     assert serving.cpu_list("0") == [0]
     assert serving.cpu_list("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
