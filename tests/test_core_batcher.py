@@ -166,6 +166,28 @@ def test_delay_releases_no_earlier_than_the_delay() -> None:
     assert elapsed < 2.0
 
 
+def test_every_release_reason_reaches_python_by_name() -> None:
+    # (the names are interned once, one per reason: an idle batch once read past the table)
+    b = make_batcher(4)
+    b.submit([row(0)])
+    b.submit([row(1)], release_queued=True)  # nothing more can join: released at once
+    idle = b.try_next_batch()
+    assert idle is not None and (idle.rows, idle.reason) == (2, "idle")
+    idle.fail("not run")
+    for value in range(4):
+        b.submit([row(value)])
+    full = b.try_next_batch()
+    assert full is not None and full.reason == "full"
+    full.fail("not run")
+    b.submit([row(4)])
+    b.stop()
+    drained = b.try_next_batch()
+    assert drained is not None and drained.reason == "drain"
+    drained.fail("not run")
+    s = b.stats()
+    assert (s["batches_idle"], s["batches_full"], s["batches_drain"]) == (1, 1, 1)
+
+
 def test_expired_request_times_out_and_is_never_batched() -> None:
     b = make_batcher(4)
     doomed = b.submit([row(0)], timeout_us=20_000)

@@ -55,7 +55,7 @@ constexpr size_t kReleaseGilCopyBytes = size_t{1} << 20;
 // Interned Python objects created once at import and never freed (safe at interpreter exit).
 PyObject* g_dtypes[kNumDTypes];
 PyObject* g_status_names[3];
-PyObject* g_reason_names[5];
+PyObject* g_reason_names[kNumReleaseReasons];  // by ReleaseReason
 
 py::handle DTypeObject(DType dtype) { return g_dtypes[static_cast<size_t>(dtype)]; }
 
@@ -849,7 +849,7 @@ PYBIND11_MODULE(_core, m) {
     g_status_names[static_cast<int>(s)] = py::str(CompletionStatusName(s)).release().ptr();
     PyUnicode_InternInPlace(&g_status_names[static_cast<int>(s)]);
   }
-  for (int r = 0; r < 5; ++r) {
+  for (int r = 0; r < kNumReleaseReasons; ++r) {
     g_reason_names[r] = py::str(ReleaseReasonName(static_cast<ReleaseReason>(r))).release().ptr();
     PyUnicode_InternInPlace(&g_reason_names[r]);
   }
