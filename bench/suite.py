@@ -1250,6 +1250,17 @@ def _ms(x: float) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
+def _past(results: dict[str, Any], key: str, bound: float, unit: str) -> list[str]:
+    """The cases whose median ``key`` is past ``bound``: server, group, load and the value
+    (formatted by ``unit``)."""
+    return [
+        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
+        f"({unit.format(c['median'][key])})"
+        for c in results["cases"]
+        if c["median"].get(key, 0) > bound
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["meta"]["matrix"]
     lines = [
@@ -1304,12 +1315,7 @@ def render(results: dict[str, Any]) -> str:
     dropped = {name: n for name, n in results.get("records_dropped", {}).items() if n}
     if dropped:
         lines.append(f"predictions not recorded (the store fell behind; less work done): {dropped}")
-    behind = [
-        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
-        f"({c['median']['settle_s']:.2f} s)"
-        for c in results["cases"]
-        if c["median"].get("settle_s", 0) > SETTLE_FLAG_S
-    ]
+    behind = _past(results, "settle_s", SETTLE_FLAG_S, "{:.2f} s")
     if behind:
         lines.append(f"predictions still being written after the run (its CPU counted): {behind}")
     late = [
@@ -1319,20 +1325,10 @@ def render(results: dict[str, Any]) -> str:
     ]
     if late:
         lines.append(f"open-loop client sent late (p99 of its send lag > 1 ms): {late}")
-    noisy = [
-        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
-        f"({c['median']['idle_others_cpu_pct']:.0f} %)"
-        for c in results["cases"]
-        if c["median"].get("idle_others_cpu_pct", 0) > 5
-    ]
+    noisy = _past(results, "idle_others_cpu_pct", 5, "{:.0f} %")
     if noisy:
         lines.append(f"idle servers used > 5 % of a core during: {noisy}")
-    robbed = [
-        f"{c['server']} {c['group']} {c.get('connections') or c.get('offered_rps')} "
-        f"({c['median']['steal_pct']:.0f} %)"
-        for c in results["cases"]
-        if c["median"].get("steal_pct", 0) > STEAL_FLAG_PCT
-    ]
+    robbed = _past(results, "steal_pct", STEAL_FLAG_PCT, "{:.0f} %")
     if robbed:
         lines.append(
             f"the hypervisor took > {STEAL_FLAG_PCT:g} % of a CPU (steal; the run measured "

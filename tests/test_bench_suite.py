@@ -356,6 +356,24 @@ def test_stolen_time_is_read_per_cpu_and_reported_for_the_most_robbed() -> None:
     assert serving.stolen_pct(earlier, 1.0) >= 50.0
 
 
+def test_cases_past_a_bound_are_named_with_their_load_and_value() -> None:
+    results = {
+        "cases": [
+            {"server": "a", "group": "headline", "connections": 64,
+             "median": {"steal_pct": 42.4, "settle_s": 0.1}},
+            {"server": "b", "group": "open", "offered_rps": 3000,
+             "median": {"steal_pct": 10.0, "settle_s": 0.31}},
+            {"server": "c", "group": "heavy", "connections": 1, "median": {}},
+        ]
+    }  # fmt: skip
+    assert suite._past(results, "steal_pct", suite.STEAL_FLAG_PCT, "{:.0f} %") == [
+        "a headline 64 (42 %)"
+    ]
+    assert suite._past(results, "settle_s", suite.SETTLE_FLAG_S, "{:.2f} s") == [
+        "b open 3000 (0.31 s)"
+    ]
+
+
 def test_targets_pair_each_round_with_the_same_round_of_the_reference() -> None:
     # a slow first round for both sides still pairs as 2x; a reference round that alone was
     # slow shows in its own pair, and the median of the pairs stays put
