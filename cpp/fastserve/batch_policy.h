@@ -30,8 +30,18 @@ struct BatchPolicy {
 
 // kIdle is the batcher's own: what the rule would release at the delay, taken early because
 // nothing more can join it (Batcher::Submit's release_queued).
-enum class ReleaseReason : uint8_t { kNone = 0, kFull, kPreferred, kDelay, kDrain, kIdle };
-constexpr int kNumReleaseReasons = 6;
+// kLast names the last reason: tables by reason (the stats, the binding's names) are sized by
+// kNumReleaseReasons, which follows it.
+enum class ReleaseReason : uint8_t {
+  kNone = 0,
+  kFull,
+  kPreferred,
+  kDelay,
+  kDrain,
+  kIdle,
+  kLast = kIdle,
+};
+constexpr int kNumReleaseReasons = static_cast<int>(ReleaseReason::kLast) + 1;
 const char* ReleaseReasonName(ReleaseReason reason);  // "none", "full", "preferred", ...
 
 struct ReleaseDecision {
