@@ -54,8 +54,8 @@ constexpr size_t kReleaseGilCopyBytes = size_t{1} << 20;
 
 // Interned Python objects created once at import and never freed (safe at interpreter exit).
 PyObject* g_dtypes[kNumDTypes];
-PyObject* g_status_names[3];
-PyObject* g_reason_names[kNumReleaseReasons];  // by ReleaseReason
+PyObject* g_status_names[kNumCompletionStatuses];  // by CompletionStatus
+PyObject* g_reason_names[kNumReleaseReasons];      // by ReleaseReason
 
 py::handle DTypeObject(DType dtype) { return g_dtypes[static_cast<size_t>(dtype)]; }
 
@@ -843,11 +843,10 @@ PYBIND11_MODULE(_core, m) {
   for (size_t i = 0; i < kNumDTypes; ++i) {
     g_dtypes[i] = py::dtype(std::string(DTypeName(static_cast<DType>(i)))).release().ptr();
   }
-  const CompletionStatus statuses[] = {CompletionStatus::kOk, CompletionStatus::kTimeout,
-                                       CompletionStatus::kError};
-  for (CompletionStatus s : statuses) {
-    g_status_names[static_cast<int>(s)] = py::str(CompletionStatusName(s)).release().ptr();
-    PyUnicode_InternInPlace(&g_status_names[static_cast<int>(s)]);
+  for (int i = 0; i < kNumCompletionStatuses; ++i) {
+    const auto status = static_cast<CompletionStatus>(i);
+    g_status_names[i] = py::str(CompletionStatusName(status)).release().ptr();
+    PyUnicode_InternInPlace(&g_status_names[i]);
   }
   for (int r = 0; r < kNumReleaseReasons; ++r) {
     g_reason_names[r] = py::str(ReleaseReasonName(static_cast<ReleaseReason>(r))).release().ptr();

@@ -50,7 +50,9 @@ struct SubmitResult {
   std::string error;  // with kInvalid: what is wrong with the arguments
 };
 
-enum class CompletionStatus : uint8_t { kOk = 0, kTimeout, kError };
+// kLast names the last status: tables by status are sized by kNumCompletionStatuses.
+enum class CompletionStatus : uint8_t { kOk = 0, kTimeout, kError, kLast = kError };
+constexpr int kNumCompletionStatuses = static_cast<int>(CompletionStatus::kLast) + 1;
 const char* CompletionStatusName(CompletionStatus status);  // "ok", "timeout", "error"
 
 // Inputs whose dimension 1 (a sequence's length) may differ between the requests of one
