@@ -192,8 +192,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // priority: 0 = highest. timeout_us: -1 = policy default, 0 = none, > 0 = relative deadline.
   // release_queued: nothing more can join what is queued with this request (every client that
   // could send is waiting in it): release it all without waiting out the delay (reason idle;
-  // a held queue stays held). No timer is armed for it: a caller that runs batches itself takes
-  // it with TryNextBatch right away. Requests submitted later wait as usual.
+  // a held queue stays held). No timer is armed for it (ready_fd turns readable through its
+  // eventfd): a caller that runs batches itself takes it with TryNextBatch right away. Requests
+  // submitted later wait as usual.
   SubmitResult Submit(const TensorView* inputs, size_t n, int64_t priority, int64_t timeout_us,
                       bool release_queued = false);
 
@@ -205,8 +206,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   // whenever a batch can be released (a Submit fills one, the head's delay passes, Stop or
   // Hold opens the queue) and stays so until the next call, which re-aims it at what is left.
   std::unique_ptr<Batch> TryNextBatch();
-  // A non-blocking timerfd, readable when TryNextBatch has a batch to give; poll it, never
-  // read it (TryNextBatch clears it).
+  // Readable when TryNextBatch has a batch to give (an epoll set of a timerfd aimed at the
+  // head's delay and an eventfd for a batch releasable now); poll it, never read it
+  // (TryNextBatch clears it).
   int ready_fd() const { return ready_fd_; }
 
   // Moves the completions not yet returned into *out (cleared first). timeout_ms > 0: waits up
@@ -239,8 +241,14 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
     Request* request;
   };
 
+  struct ReadyFds {
+    int timer;  // timerfd
+    int now;    // eventfd
+    int set;    // epoll set of the two
+  };
+
   Batcher(const BatchPolicy& policy, const RaggedSpec& ragged, InputTransforms transforms,
-          const int (&notify)[2], int ready);
+          const int (&notify)[2], ReadyFds ready);
   // The transform a request's input i gets, or nullptr (none declared, or another dtype).
   const InputTransform* TransformFor(size_t i, const TensorView& input) const;
   // Position of input i in ragged_.inputs, or -1 when it is not ragged.
@@ -281,7 +289,9 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   const ReleaseRule rule_;
   const int notify_read_fd_;
   const int notify_write_fd_;
-  const int ready_fd_;  // timerfd on CLOCK_MONOTONIC, which is NowNs()'s clock
+  const int ready_timer_fd_;  // timerfd on CLOCK_MONOTONIC, which is NowNs()'s clock
+  const int ready_now_fd_;    // eventfd: a batch can be released now
+  const int ready_fd_;        // epoll set of the two: what the puller watches
 
   mutable std::mutex mu_;
   std::condition_variable cv_;        // workers in NextBatch wait here
@@ -297,7 +307,8 @@ class Batcher : public std::enable_shared_from_this<Batcher> {
   uint64_t next_batch_id_ = 1;
   int64_t timer_wake_ns_ = 0;  // deadline the timer thread sleeps toward
   bool puller_ = false;        // TryNextBatch was called: keep ready_fd up to date
-  int64_t ready_at_ns_ = 0;    // when ready_fd fires (kNever: disarmed; <= now: readable)
+  int64_t ready_at_ns_ = 0;    // when the ready timer fires (kNever: disarmed; <= now: fired)
+  bool ready_now_ = false;     // the ready eventfd is signalled
   std::vector<batcher_internal::RequestList> levels_;  // arrival order per priority level
   std::unordered_map<std::string, std::unique_ptr<Group>> groups_;  // by shape key
   std::vector<DeadlineEntry> deadlines_;  // min-heap; entries of released requests are stale

@@ -614,6 +614,54 @@ TEST(BatcherTest, ACallThatFindsNoBatchLeavesReadyFdAimedAtTheHead) {
   batch->Fail("done");
 }
 
+// How many times this process's one timerfd has fired unread (the ticks of its fdinfo); -1
+// when there is no timerfd or more than one (then it would not be this batcher's).
+int64_t ReadyTimerTicks() {
+  int64_t ticks = -1;
+  int found = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink(entry.path(), error);
+    if (error || target.string() != "anon_inode:[timerfd]") continue;
+    std::ifstream info("/proc/self/fdinfo/" + entry.path().filename().string());
+    for (std::string line; std::getline(info, line);) {
+      if (line.rfind("ticks:", 0) == 0) ticks = std::stoll(line.substr(6));
+    }
+    ++found;
+  }
+  return found == 1 ? ticks : -1;
+}
+
+TEST(BatcherTest, ABatchReleasableNowIsToldWithoutFiringTheDelayTimer) {
+  // Aiming the timer at now would reprogram the CPU's timer and take its interrupt: a trip
+  // to the hypervisor each on a VM. The eventfd beside it in ready_fd says it instead.
+  auto b = Batcher::Create(Policy(4));  // a 10 s delay
+  const int ready = b->ready_fd();
+  Inputs inputs;
+  EXPECT_EQ(b->TryNextBatch(), nullptr);  // a puller
+  ASSERT_EQ(ReadyTimerTicks(), 0) << "cannot find the batcher's timerfd in /proc/self/fd";
+  MustSubmit(*b, inputs, 4, 0);  // full at once
+  EXPECT_TRUE(Readable(ready));
+  EXPECT_EQ(ReadyTimerTicks(), 0);
+  auto batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kFull);
+  EXPECT_FALSE(Readable(ready));  // the eventfd was read
+  batch->Fail("done");
+  // So is a queue that release_queued opens (every client waits in it).
+  MustSubmit(*b, inputs, 1, 1);  // the head: the timer is aimed at its delay, far away
+  EXPECT_FALSE(Readable(ready));
+  TensorView last = inputs.Add(1, 3, 2.0f).view();
+  ASSERT_EQ(b->Submit(&last, 1, 0, -1, /*release_queued=*/true).code, SubmitCode::kOk);
+  EXPECT_TRUE(Readable(ready));
+  EXPECT_EQ(ReadyTimerTicks(), 0);
+  batch = b->TryNextBatch();
+  ASSERT_NE(batch, nullptr);
+  EXPECT_EQ(batch->reason(), ReleaseReason::kIdle);
+  EXPECT_FALSE(Readable(ready));
+  batch->Fail("done");
+}
+
 // How many times the batcher's timer thread has been put on a CPU (the third field of its
 // /proc schedstat); -1 when no thread of this process is named fastserve-timer, or more than
 // one is (then the count would not be this batcher's).

@@ -13,8 +13,9 @@ buffer by the core and run in one of two ways:
     interpreter's switch interval (5 ms) whenever the loop is busy.
 ``event_loop``
     The loop runs the batches itself: when the core's ``ready_fd`` says a batch can be
-    released (it filled, or the head's delay passed: ``ready_fd`` is a timerfd aimed at
-    that moment, so the kernel wakes the loop), the loop takes it with ``try_next_batch()``
+    released (it filled, or the head's delay passed: ``ready_fd`` holds a timerfd aimed at
+    that moment, so the kernel wakes the loop, and an eventfd for a batch that can go at
+    once), the loop takes it with ``try_next_batch()``
     and runs the backend inline. No thread waits for the GIL, and no thread switch happens
     between a request and its batch.
 
