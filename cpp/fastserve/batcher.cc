@@ -146,7 +146,10 @@ void ClosePipe(const int (&fds)[2]) {
 // Owns a file descriptor until release(): Create's error paths close what they opened.
 class UniqueFd {
  public:
-  explicit UniqueFd(int fd) : fd_(fd) {}
+  // fd from a call that returns -1 and sets errno on failure, which this throws with `what`.
+  UniqueFd(int fd, const char* what) : fd_(fd) {
+    if (fd_ < 0) throw std::system_error(errno, std::generic_category(), what);
+  }
   UniqueFd(const UniqueFd&) = delete;
   UniqueFd& operator=(const UniqueFd&) = delete;
   ~UniqueFd() {
@@ -440,12 +443,10 @@ std::shared_ptr<Batcher> Batcher::Create(const BatchPolicy& policy, const Ragged
   }
   std::shared_ptr<Batcher> batcher;
   try {
-    UniqueFd timer(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
-    UniqueFd now(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-    UniqueFd ready(::epoll_create1(EPOLL_CLOEXEC));
-    if (timer.get() < 0 || now.get() < 0 || ready.get() < 0) {
-      throw std::system_error(errno, std::generic_category(), "fastserve: cannot create ready fd");
-    }
+    UniqueFd timer(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC),
+                   "fastserve: cannot create ready timer");
+    UniqueFd now(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), "fastserve: cannot create ready event");
+    UniqueFd ready(::epoll_create1(EPOLL_CLOEXEC), "fastserve: cannot create ready set");
     WatchReadable(ready.get(), timer.get());
     WatchReadable(ready.get(), now.get());
     batcher = std::shared_ptr<Batcher>(new Batcher(policy, ragged, std::move(transforms), notify,
