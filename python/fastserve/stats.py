@@ -86,6 +86,8 @@ class RequestStats:
     rows: int = 0
     last_inference_ms: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+    validated: list[int] = field(default_factory=lambda: [0, 0])
+    """Requests checked against the value schema: [passed, failed]."""
     stages: tuple[LatencyHistogram, ...] = field(
         default_factory=lambda: tuple(LatencyHistogram() for _ in STAGES)
     )

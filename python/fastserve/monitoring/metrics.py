@@ -104,14 +104,6 @@ class Metrics:
             ["model", "version", "feature", "check"],
             registry=self.registry,
         )
-        self.validated = Counter(
-            "fastserve_validated_requests",
-            "Requests whose values were checked against the version's schema, by result "
-            "(pass, fail; a failure in warn mode is served but counts as fail).",
-            ["model", "version", "result"],
-            registry=self.registry,
-        )
-        self._validated: dict[tuple[str, str, bool], Any] = {}
         self.coverage = Gauge(
             "fastserve_label_coverage",
             "Labelled requests over recorded predictions since the server started (primary).",
@@ -134,16 +126,6 @@ class Metrics:
 
     def validation_failed(self, model: str, version: str, feature: str, check: str) -> None:
         self.validation_failures.labels(model, version, feature, check).inc()
-
-    def request_validated(self, model: str, version: str, passed: bool) -> None:
-        """Once per checked request: the child is cached (``labels`` costs ~2 µs a call)."""
-        key = (model, version, passed)
-        child = self._validated.get(key)
-        if child is None:
-            child = self._validated[key] = self.validated.labels(
-                model, version, "pass" if passed else "fail"
-            )
-        child.inc()
 
     def model_accuracy(self, model: str, entries: list[dict[str, Any]]) -> None:
         for entry in entries:

@@ -1,9 +1,10 @@
 """The serving metrics, read from the loaded model versions when Prometheus scrapes.
 
 The request path already keeps what Triton's statistics route reports (counts, durations,
-batches by size, the core's release reasons) plus one ``LatencyHistogram`` per stage, as
-plain ints on the event loop. This collector turns them into Prometheus families at scrape
-time, so the request path pays no prometheus-client call and nothing is counted twice.
+batches by size, the core's release reasons) plus one ``LatencyHistogram`` per stage and
+the value schema's pass and fail counts, as plain ints on the event loop. This collector
+turns them into Prometheus families at scrape time, so the request path pays no
+prometheus-client call and nothing is counted twice.
 
 Series exist only for loaded versions (their names come from the repository, never from a
 request). A version that is unloaded takes its series with it, and one loaded again starts
@@ -34,7 +35,8 @@ BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServingCollector(Collector):
-    """``fastserve_requests_total``, stage latencies, batch sizes, queue depth, in flight."""
+    """``fastserve_requests_total``, stage latencies, value checks, batch sizes, queue depth,
+    in flight."""
 
     def __init__(
         self, models: Callable[[], list[ServedModel]], server_inflight: Callable[[], int]
@@ -84,6 +86,12 @@ class ServingCollector(Collector):
             "The version's max_queue_size: queued requests beyond it get 503 at once.",
             labels=labels,
         )
+        validated = CounterMetricFamily(
+            "fastserve_validated_requests",
+            "Requests whose values were checked against the version's schema, by result "
+            "(pass, fail; a failure in warn mode is served but counts as fail).",
+            labels=[*labels, "result"],
+        )
         inflight = GaugeMetricFamily(
             "fastserve_model_inflight_requests",
             "Requests holding the version: between choosing it and being answered.",
@@ -106,6 +114,10 @@ class ServingCollector(Collector):
                 target.add_metric(
                     [*key, *extra], histogram.cumulative(), sum_value=histogram.sum_ns / 1e9
                 )
+            if model.schema is not None and model.config.validation != "off":
+                passed, failed = stats.validated
+                validated.add_metric([*key, "pass"], passed)
+                validated.add_metric([*key, "fail"], failed)
             batch_rows.add_metric(key, *_size_buckets(model.batcher.batch_sizes.snapshot()))
             depth.add_metric(key, model.batcher.queue_depth)
             capacity.add_metric(key, model.config.batching.max_queue_size)
@@ -116,7 +128,8 @@ class ServingCollector(Collector):
         )
         server.add_metric([], self._server_inflight())
         yield from (
-            requests, rows, batches, latency, stages, batch_rows, depth, capacity, inflight, server
+            requests, rows, batches, latency, stages, validated, batch_rows, depth, capacity,
+            inflight, server,
         )  # fmt: skip
 
 
