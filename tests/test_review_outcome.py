@@ -80,6 +80,27 @@ def test_the_prediction_log_reads_many_requests_at_once_and_stays_bounded() -> N
     assert log.drain(2) == [] and log.drain() == []
 
 
+def test_the_prediction_log_gives_each_request_its_own_rows_whatever_their_count() -> None:
+    """Requests of one model with 1, 2 and 0 rows, interleaved: each row's prediction goes to
+    the request it came from, and each is counted once for its role and version."""
+    log = PredictionLog(limit=100)
+    classifier = Reading.of(CLASSIFIER)
+    rows = {
+        "one": np.array([[0.1, 0.2, 0.7]], np.float32),
+        "two": np.array([[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]], np.float32),
+        "none": np.zeros((0, 3), np.float32),
+    }
+    # as many rows as requests in all, as if each had one
+    order = ["two", "one", "none", "two", "none", "one"]
+    for n, name in enumerate(order):
+        outputs = [rows[name].argmax(1), rows[name]]
+        log.add("m", f"{name}{n}", "primary", "1", classifier, outputs, None, 1.0)
+    texts = {row[1]: row[4] for row in log.drain()}
+    expected = {"one": "[2]", "two": "[0,1]", "none": "[]"}
+    assert texts == {f"{name}{n}": expected[name] for n, name in enumerate(order)}
+    assert log.recorded == {("m", "primary", "1"): len(order)}
+
+
 def test_review_items_show_float32_values_as_their_shortest_decimal() -> None:
     doc = tensor_doc(np.array([[14.99, 0.1]], np.float32))
     assert doc == {"datatype": "float32", "shape": [1, 2], "data": [[14.99, 0.1]]}

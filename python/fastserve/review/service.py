@@ -112,25 +112,36 @@ class PredictionLog:
             else:
                 items = self._items[:limit]
                 del self._items[:limit]
-        self.recorded.update((item[0], item[2], item[3]) for item in items)
-        groups: dict[tuple[Reading, tuple[int, ...]], list[int]] = {}
+        # Group the records that read the same way (the reading, the scores' shape: rows
+        # included, so that a group of one-row records needs no slicing) and count them by
+        # (model, role, version) in the same pass. Readings are few and long-lived: they are
+        # told apart by identity, not by hashing their fields.
+        groups: dict[tuple[str, str, str, int, tuple[int, ...]], list[int]] = {}
         for i, item in enumerate(items):
-            reading, outputs = item[4], item[5]
-            groups.setdefault((reading, outputs[reading.scores].shape[1:]), []).append(i)
+            reading = item[4]
+            key = (item[0], item[2], item[3], id(reading), item[5][reading.scores].shape)
+            members = groups.get(key)
+            if members is None:
+                groups[key] = [i]
+            else:
+                members.append(i)
         texts: list[str] = [""] * len(items)
-        for (reading, _), members in groups.items():
+        for key, members in groups.items():
+            self.recorded[key[:3]] += len(members)
+            reading = items[members[0]][4]
             scores = [items[i][5][reading.scores] for i in members]
             values = reading.predict_scores(np.concatenate(scores)).as_list()
+            classifier = reading.task == "classifier"
+            if len(values) == len(members):  # one row each, the common case
+                for i, value in zip(members, values, strict=True):
+                    # class indexes are ints: their JSON is cheap to write by hand
+                    texts[i] = f"[{value}]" if classifier else json.dumps([value])
+                continue
             start = 0
             for i, part in zip(members, scores, strict=True):
                 end = start + len(part)
                 chunk = values[start:end]
-                # class indexes are ints: their JSON is cheap to write by hand
-                texts[i] = (
-                    f"[{','.join(map(str, chunk))}]"
-                    if reading.task == "classifier"
-                    else json.dumps(chunk)
-                )
+                texts[i] = f"[{','.join(map(str, chunk))}]" if classifier else json.dumps(chunk)
                 start = end
         return [
             (model, request_id, role, version, texts[i], confidence, latency_ms, created)
