@@ -62,10 +62,13 @@ async def test_observed_records_are_written_once_and_feedback_is_idempotent(
 
 
 @contextlib.asynccontextmanager
-async def store_with_log(path: Path) -> AsyncIterator[tuple[ReviewStore, PredictionLog]]:
-    """An open store (flushed only when asked) whose predictions come from a PredictionLog."""
+async def store_with_log(
+    path: Path, busy: bool = False
+) -> AsyncIterator[tuple[ReviewStore, PredictionLog]]:
+    """An open store (flushed only when asked) whose predictions come from a PredictionLog;
+    ``busy``: what it is told of the server's load."""
     log = PredictionLog(limit=100_000)
-    store = ReviewStore(path, flush_interval_s=60)
+    store = ReviewStore(path, flush_interval_s=60, busy=lambda: busy)
     store.add_source("predictions", log.drain)
     await store.open()
     try:
@@ -118,6 +121,30 @@ async def test_a_flush_gives_way_between_pieces_until_it_is_behind(
         # few; a backlog past GIVE_WAY_RECORDS is written straight on
         pieces = -(-min(backlog, GIVE_WAY_RECORDS) // PIECE)
         assert given_way == 2 * pieces
+
+
+async def test_a_flush_for_a_busy_server_gives_way_only_once_it_has_held_the_core_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy, a flush holds the core for ``HOLD_S`` between give-ways, not for one piece;
+    quiet, it gives way after every piece (above)."""
+    given_way = 0
+
+    def counted() -> None:
+        nonlocal given_way
+        given_way += 1
+
+    monkeypatch.setattr(fastserve.review.store, "_give_way", counted)
+    backlog = 3 * PIECE
+    for hold_s, expected in ((3600.0, 0), (0.0, 2 * 3)):  # never long enough; at once
+        monkeypatch.setattr(fastserve.review.store, "HOLD_S", hold_s)
+        given_way = 0
+        async with store_with_log(tmp_path / f"s{hold_s}.db", busy=True) as (store, log):
+            for i in range(backlog):
+                log_prediction(log, f"r{i}", 1)
+            await store.flush()
+            assert await store.query("SELECT count(*) FROM predictions") == [(backlog,)]
+        assert given_way == expected, hold_s
 
 
 async def test_a_large_flush_of_every_table_is_split_into_statements_sqlite_accepts(

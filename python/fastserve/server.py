@@ -28,6 +28,9 @@ from fastserve.workers import Worker
 
 _GC_YOUNG_THRESHOLD = 50_000
 """Allocations between scans of the youngest generation once serving (default 700)."""
+BUSY_INFLIGHT = 8
+"""Requests in flight from which the review store's flushes count the server as busy and
+hold the core longer between give-ways (``fastserve.review.store.HOLD_S``)."""
 log = logging.getLogger("fastserve.server")
 
 
@@ -60,6 +63,7 @@ class Server:
                 config.state_path,
                 retention_days=config.retention_days,
                 prune=worker is None or worker.index == 0,
+                busy=lambda: self.state.inflight >= BUSY_INFLIGHT,
             ),
             self.registry.metrics,
         )
