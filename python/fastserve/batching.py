@@ -15,9 +15,8 @@ buffer by the core and run in one of two ways:
     The loop runs the batches itself: when the core's ``ready_fd`` says a batch can be
     released (it filled, or the head's delay passed: ``ready_fd`` holds a timerfd aimed at
     that moment, so the kernel wakes the loop, and an eventfd for a batch that can go at
-    once), the loop takes it with ``try_next_batch()``
-    and runs the backend inline. No thread waits for the GIL, and no thread switch happens
-    between a request and its batch.
+    once), the loop takes it with ``try_next_batch()`` and runs the backend inline. No
+    thread waits for the GIL, and no thread switch happens between a request and its batch.
 
     A request that nothing can join (``last``: every client waits) and finds the queue
     empty is a batch of one as it stands: the loop runs the backend on the request's own
