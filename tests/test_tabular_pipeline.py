@@ -197,6 +197,8 @@ async def test_features_by_name_are_scaled_filled_and_encoded(
         running(server_config) as srv,
         aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s,
     ):
+        # a pipeline reads its requests: none is read natively (fastserve.model._json_plan)
+        assert srv.registry.get("echo", None).json_plan is None
         rows = {r.name: r for r in srv.registry.index()}
         assert rows["echo"].state.value == "READY", rows["echo"].reason
         status, got = await echo(s, body)

@@ -31,6 +31,7 @@
 #include "fastserve/preprocess_cuda.h"
 #include "fastserve/tabular.h"
 #include "fastserve/tensor.h"
+#include "v2_json.h"
 
 namespace py = pybind11;
 
@@ -650,107 +651,6 @@ bool PyWithinBounds(const py::array& batch, const py::array& lower, const py::ar
   throw py::value_error("within_bounds: the batch must be float32 or float64, native order");
 }
 
-// -- JSON and msgpack tensor data -------------------------------------------------------------
-
-// 2**53: every integer up to this converts to a double exactly (and so rounds to a float
-// as numpy rounds an int64).
-constexpr long long kExactIntLimit = 1LL << 53;
-
-// One element of a tensor's `data` list as a double, when it is the clear case: an exact
-// Python float or int (not bool), finite, an int within kExactIntLimit, and within `limit`
-// in magnitude. False otherwise: the caller leaves the whole list to the Python decoder.
-bool PlainNumber(PyObject* item, double limit, double* out) {
-  double value;
-  if (PyFloat_CheckExact(item)) {
-    value = PyFloat_AS_DOUBLE(item);
-  } else if (PyLong_CheckExact(item)) {
-    int overflow = 0;
-    const long long whole = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow != 0 || whole > kExactIntLimit || whole < -kExactIntLimit) {
-      return false;
-    }
-    value = static_cast<double>(whole);
-  } else {
-    return false;
-  }
-  if (!(std::fabs(value) <= limit)) {  // (NaN and infinities fail)
-    return false;
-  }
-  *out = value;
-  return true;
-}
-
-// Writes the numbers of `list`, nested exactly along dims[depth..] (flat data is walked with
-// dims = {count}), into out[*at...]; false at the first length or element that does not fit.
-template <typename T>
-bool FillNumbers(PyObject* list, const std::vector<Py_ssize_t>& dims, size_t depth, double limit,
-                 T* out, Py_ssize_t* at) {
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  if (n != dims[depth]) {
-    return false;
-  }
-  if (depth + 1 < dims.size()) {
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* inner = PyList_GET_ITEM(list, i);
-      if (!PyList_CheckExact(inner) || !FillNumbers(inner, dims, depth + 1, limit, out, at)) {
-        return false;
-      }
-    }
-    return true;
-  }
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    double value;
-    if (!PlainNumber(PyList_GET_ITEM(list, i), limit, &value)) {
-      return false;
-    }
-    out[(*at)++] = static_cast<T>(value);
-  }
-  return true;
-}
-
-// The float32 or float64 array of `shape` that a V2 `data` list holds, flat or nested exactly
-// along `shape`, or None when the list is anything but plain numbers that fit (the Python
-// decoder then converts it, or explains what is wrong with it). One pass, no intermediate
-// float64 array and no per-element Python call.
-template <typename T>
-py::object NumbersFromList(PyObject* data, const std::vector<Py_ssize_t>& shape, double limit) {
-  Py_ssize_t count = 1;
-  for (const Py_ssize_t dim : shape) {
-    count *= dim;
-  }
-  const Py_ssize_t n = PyList_GET_SIZE(data);
-  if (count == 0 || n == 0) {
-    return py::none();
-  }
-  const bool nested = PyList_CheckExact(PyList_GET_ITEM(data, 0));
-  if (nested && shape.empty()) {
-    return py::none();  // a scalar sent as a list of lists
-  }
-  const std::vector<Py_ssize_t> walk = nested ? shape : std::vector<Py_ssize_t>{count};
-  py::array_t<T> out(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-  Py_ssize_t at = 0;
-  if (!FillNumbers(data, walk, 0, limit, out.mutable_data(), &at)) {
-    return py::none();
-  }
-  return std::move(out);
-}
-
-py::object PyNumbersFromList(const py::list& data, const std::vector<Py_ssize_t>& shape,
-                             const std::string& datatype) {
-  for (const Py_ssize_t dim : shape) {
-    if (dim < 0) {
-      throw py::value_error("numbers_from_list: dimensions must be non-negative");
-    }
-  }
-  if (datatype == "FP32") {
-    return NumbersFromList<float>(data.ptr(), shape, std::numeric_limits<float>::max());
-  }
-  if (datatype == "FP64") {
-    return NumbersFromList<double>(data.ptr(), shape, std::numeric_limits<double>::max());
-  }
-  throw py::value_error("numbers_from_list: datatype must be FP32 or FP64");
-}
-
 // A checked TabularSpec and its output width, built once per model version.
 class PyTabularKernel {
  public:
@@ -1041,12 +941,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("window_rows", &DriftSketch::window_rows)
       .def_property_readonly("num_features", &DriftSketch::num_features);
 
-  m.def("numbers_from_list", &PyNumbersFromList, py::arg("data"), py::arg("shape"),
-        py::arg("datatype"),
-        "The FP32 or FP64 tensor of `shape` that a V2 request's `data` list holds (flat, or "
-        "nested exactly along `shape`), or None unless every element is a plain Python float "
-        "or int (not bool) that fits: finite, an int within 2**53, and within the datatype's "
-        "range. None leaves the list to the Python decoder.");
+  BindV2Json(m);
 
   m.def("within_bounds", &PyWithinBounds, py::arg("batch"), py::arg("lower"), py::arg("upper"),
         "True when every value of the C-contiguous [rows, width] float32/float64 batch is "

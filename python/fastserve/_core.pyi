@@ -1,4 +1,5 @@
-"""Types of the native core (``cpp/bindings/core_module.cc``). Private: use ``fastserve``."""
+"""Types of the native core (``cpp/bindings/core_module.cc``, ``v2_json.cc``). Private: use
+``fastserve``."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,12 @@ def cuda_available() -> bool: ...
 def cuda_device_count() -> int: ...
 def within_bounds(batch: _Array, lower: _Array, upper: _Array) -> bool: ...
 def numbers_from_list(data: list[Any], shape: Sequence[int], datatype: str) -> _Array | None: ...
+
+class JsonRequestPlan:
+    def __init__(
+        self, inputs: Sequence[tuple[str, str, Sequence[int]]], max_batch_size: int
+    ) -> None: ...
+    def decode(self, doc: Any, max_elements: int) -> tuple[list[_Array], str | None] | None: ...
 
 class BatchPolicy:
     def __init__(

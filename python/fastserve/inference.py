@@ -3,6 +3,12 @@
 The HTTP handler and ``fastserve batch`` both call ``prepare``, so online and offline
 predictions go through the same pipelines, feature packing, shape and type validation and
 value schema: what one accepts, the other accepts, and they cannot drift apart.
+
+The one shortcut: a plain JSON request that the version's ``JsonRequestPlan`` reads (every
+input FP32 or FP64, no pipeline; see ``ServedModel.json_plan``) is decoded and checked against
+the signature natively, and ``prepare_planned`` does the rest. The plan takes only what the
+decoder and ``validate_inputs`` would accept, reading it the same (``tests/test_json_plan.py``
+holds it to that); anything else goes the whole way, which explains what is wrong with it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from fastserve.monitoring.metrics import Metrics
 from fastserve.protocol import InferenceRequest
 from fastserve.validation import pack_features, validate_inputs, validate_outputs
 
-__all__ = ["Prepared", "check_values", "prepare", "request_options"]
+__all__ = ["Prepared", "check_values", "prepare", "prepare_planned", "request_options"]
 
 log = logging.getLogger("fastserve.inference")
 
@@ -77,6 +83,23 @@ async def prepare(
         check_values(model, values, metrics)
     priority, timeout_us = request_options(inference, model)
     return Prepared(inference, arrays, priority, timeout_us, preprocessed, preprocess_ns)
+
+
+def prepare_planned(
+    model: ServedModel,
+    arrays: list[npt.NDArray[Any]],
+    request_id: str | None,
+    metrics: Metrics,
+    decoded: int,
+) -> Prepared:
+    """``prepare`` for a request that ``model.json_plan`` decoded into ``arrays`` (already
+    checked against the signature; no parameters, every output): the value schema is left.
+    Its ``Prepared.request`` carries the id alone."""
+    schema = model.schema
+    if schema is not None and model.config.validation != "off":
+        check_values(model, arrays[schema.input_index], metrics)
+    priority = model.config.batching.priority_index(0)
+    return Prepared(InferenceRequest([], request_id), arrays, priority, -1, decoded, None)
 
 
 def request_options(request: InferenceRequest, model: ServedModel) -> tuple[int, int]:

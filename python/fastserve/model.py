@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastserve import _core
 from fastserve.backends.onnxruntime import CPU, OnnxRuntimeSession
 from fastserve.batching import Execution, ModelBatcher
 from fastserve.config import ModelConfig
@@ -80,6 +81,18 @@ def _transforms(
     return {index: preprocess.transform()}
 
 
+def _json_plan(accepts: ModelSignature, max_batch_size: int) -> _core.JsonRequestPlan | None:
+    """The native reading of the version's plain JSON requests (``_core.JsonRequestPlan``),
+    when its inputs are all FP32 or FP64 and no pipeline stands between a request and them."""
+    if not all(spec.datatype in ("FP32", "FP64") for spec in accepts.inputs):
+        return None
+    inputs = [(spec.name, spec.datatype, list(spec.shape)) for spec in accepts.inputs]
+    try:
+        return _core.JsonRequestPlan(inputs, max_batch_size)
+    except ValueError:  # (a name past the decoder's bounds: the decoder refuses it)
+        return None
+
+
 def _reference(name: str, version: str, path: Path) -> ReferenceProfile | None:
     """The version's ``reference.json``, when it has one; a bad file refuses the load."""
     if not path.exists():
@@ -109,6 +122,9 @@ class ServedModel:
     """The config's tabular pipeline; with one, ``schema`` checks its raw numeric features."""
     sequence: SequencePreprocessor | None = None
     """The config's sequence pipeline: the batcher pads its inputs and writes the mask."""
+    json_plan: _core.JsonRequestPlan | None = None
+    """Reads a plain JSON request straight into the batcher's arrays (``prepare_planned``);
+    None when a pipeline takes the requests, or an input is not FP32 or FP64."""
 
     @property
     def raw_input(self) -> tuple[str, str] | None:
@@ -204,8 +220,10 @@ class ServedModel:
             config.batching.max_batch_size,
             "the event loop" if execution == "event_loop" else "worker threads",
         )
+        plain = preprocess is None and tabular is None and sequence is None
+        json_plan = _json_plan(accepts, config.batching.max_batch_size) if plain else None
         return cls(name, version, config, signature, sessions, batcher, schema, drift,
-                   preprocess, tabular, sequence)  # fmt: skip
+                   preprocess, tabular, sequence, json_plan)  # fmt: skip
 
     def start(self, loop: asyncio.AbstractEventLoop, *, monitoring: bool = True) -> None:
         """Start the batcher; with ``monitoring``, each batch feeds the drift sketches."""

@@ -34,8 +34,14 @@ from fastserve.errors import (
 from fastserve.http import admin, review_routes
 from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
-from fastserve.http.codecs import decode_request, encode_response
-from fastserve.inference import prepare
+from fastserve.http.codecs import (
+    decode_request,
+    encode_response,
+    is_plain_json,
+    load_json,
+    request_from_json,
+)
+from fastserve.inference import prepare, prepare_planned
 from fastserve.model import PLATFORM, ServedModel
 from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastserve.protocol import InferenceResponse, OutputTensor
@@ -441,17 +447,26 @@ async def _infer(
     started: int,
 ) -> tuple[bytes, dict[str, str]]:
     content_type = headers.get("content-type", "")
+    header_length = headers.get("inference-header-content-length")
+    # every element takes at least one byte in any encoding: a small body that declares a
+    # huge shape is refused before anything is allocated
+    max_elements = len(body)
+    metrics = state.registry.metrics
     decode_start = time.perf_counter_ns()
-    inference = decode_request(
-        body,
-        content_type,
-        headers.get("inference-header-content-length"),
-        # every element takes at least one byte in any encoding: a small body that declares
-        # a huge shape is refused before anything is allocated
-        max_elements=len(body),
-    )
+    plan = model.json_plan
+    planned = None
+    if plan is not None and is_plain_json(content_type, header_length):
+        doc = load_json(body)
+        planned = plan.decode(doc, max_elements)  # the common request, read natively
+        if planned is None:  # anything else: decoded (or refused, saying why) in Python
+            inference = request_from_json(doc, max_elements=max_elements)
+    else:
+        inference = decode_request(body, content_type, header_length, max_elements=max_elements)
     decoded = time.perf_counter_ns()
-    prepared = await prepare(model, inference, state.registry.metrics, decoded)
+    if planned is not None:
+        prepared = prepare_planned(model, *planned, metrics, decoded)
+    else:
+        prepared = await prepare(model, inference, metrics, decoded)
     inference, arrays = prepared.request, prepared.arrays
     validated = time.perf_counter_ns()
     # When every open connection has a request waiting on a batch, no one can send the

@@ -55,6 +55,9 @@ __all__ = [
     "OCTET_STREAM",
     "decode_request",
     "encode_response",
+    "is_plain_json",
+    "load_json",
+    "request_from_json",
     "tensor_bytes",
     "tensor_from_bytes",
 ]
@@ -123,11 +126,11 @@ def decode_request(
     media = _media_type(content_type)
     if media in _JSON_TYPES or (media == OCTET_STREAM and header_length is not None):
         if header_length is None:
-            return _request_from_doc(_load_json(body), max_elements, None, msgpack_doc=False)
+            return _request_from_doc(load_json(body), max_elements, None, msgpack_doc=False)
         split = _parse_header_length(header_length, len(body))
         header = body[:split]
         blob = memoryview(body)[split:]
-        return _request_from_doc(_load_json(header), max_elements, blob, msgpack_doc=False)
+        return _request_from_doc(load_json(header), max_elements, blob, msgpack_doc=False)
     if media in _MSGPACK_TYPES:
         if header_length is not None:
             raise InvalidRequest(f"{HEADER_LENGTH} is only valid with JSON bodies, not msgpack")
@@ -139,6 +142,17 @@ def decode_request(
     raise UnsupportedMediaType(
         f"unsupported Content-Type {_label(media)}: use application/json or application/msgpack"
     )
+
+
+def is_plain_json(content_type: str | None, header_length: str | None) -> bool:
+    """A JSON body with no binary tensors after it: what a ``_core.JsonRequestPlan`` may read
+    (from ``load_json``'s document; ``request_from_json`` decodes what it does not take)."""
+    return header_length is None and _media_type(content_type) in _JSON_TYPES
+
+
+def request_from_json(doc: Any, *, max_elements: int) -> InferenceRequest:
+    """``decode_request`` of a plain JSON body (``is_plain_json``) that ``load_json`` parsed."""
+    return _request_from_doc(doc, max_elements, None, msgpack_doc=False)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -159,7 +173,8 @@ def _parse_header_length(value: str, body_length: int) -> int:
     return length
 
 
-def _load_json(raw: bytes) -> Any:
+def load_json(raw: bytes) -> Any:
+    """The document of a JSON body; InvalidRequest (400) when it is not one."""
     if not raw:
         raise InvalidRequest("empty request body")
     try:

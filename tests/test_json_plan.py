@@ -1,0 +1,250 @@
+"""The native reading of plain JSON requests (``_core.JsonRequestPlan``) against the Python
+decoder and validator it stands in for.
+
+The plan may take a request only when the Python path (``request_from_json``, then
+``validate_inputs``) takes it too, into the same arrays and id; it gives every other document
+back (None), and the Python path then decodes it or explains what is wrong. These tests hold
+it to that over hand-made and generated documents, and check that it does take the common
+requests, in the server as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastserve import _core
+from fastserve.demo import example_rows
+from fastserve.errors import InvalidRequest
+from fastserve.http.codecs import request_from_json
+from fastserve.protocol import ModelSignature, TensorSpec
+from fastserve.server import Server
+from fastserve.validation import validate_inputs
+
+MAX_BATCH = 4
+
+ONE = ModelSignature(inputs=(TensorSpec("input", "FP32", (-1, 3)),), outputs=())
+TWO = ModelSignature(
+    inputs=(TensorSpec("a", "FP32", (-1, 2)), TensorSpec("b", "FP64", (-1, 2, 2))), outputs=()
+)
+FIXED = ModelSignature(inputs=(TensorSpec("x", "FP32", (2, -1)),), outputs=())
+"""A first dimension that is fixed (2 rows, within the max batch) and a free second one."""
+
+
+def plan_of(signature: ModelSignature) -> _core.JsonRequestPlan:
+    inputs = [(s.name, s.datatype, list(s.shape)) for s in signature.inputs]
+    return _core.JsonRequestPlan(inputs, MAX_BATCH)
+
+
+def python_path(doc: Any, signature: ModelSignature, max_elements: int) -> Any:
+    """What the Python decoder and validator make of ``doc``: (arrays, id), or the error."""
+    try:
+        request = request_from_json(doc, max_elements=max_elements)
+        arrays = validate_inputs(request, signature, max_batch_size=MAX_BATCH)
+    except InvalidRequest as exc:
+        return exc
+    return arrays, request.id
+
+
+def check(doc: Any, signature: ModelSignature, max_elements: int = 1 << 20) -> bool:
+    """The plan agrees with the Python path on ``doc``; True when it took it."""
+    planned = plan_of(signature).decode(doc, max_elements)
+    if planned is None:
+        return False
+    expected = python_path(doc, signature, max_elements)
+    assert not isinstance(expected, Exception), f"the plan took what Python refuses: {expected}"
+    arrays, request_id = planned
+    assert request_id == expected[1]
+    assert len(arrays) == len(expected[0])
+    for got, want in zip(arrays, expected[0], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.flags.c_contiguous
+        assert got.tobytes() == want.tobytes()
+    return True
+
+
+def one(rows: int = 1, **fields: Any) -> dict[str, Any]:
+    entry = {"name": "input", "datatype": "FP32", "shape": [rows, 3],
+             "data": [float(i) + 0.25 for i in range(rows * 3)]}  # fmt: skip
+    return {"inputs": [entry], **fields}
+
+
+def two() -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "b", "datatype": "FP64", "shape": [2, 2, 2], "data": [[[1, 2], [3, 4]]] * 2},
+            {"name": "a", "datatype": "FP32", "shape": [2, 2], "data": [0.1, 0.2, 0.3, 0.4]},
+        ]
+    }
+
+
+# -- what the plan takes ------------------------------------------------------------------------
+
+
+def doc_of(name: str, shape: list[int], data: list[Any], datatype: str = "FP32") -> Any:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
+
+
+TAKEN = [
+    (one(), ONE),
+    (one(rows=MAX_BATCH), ONE),
+    (one(id="req-1"), ONE),
+    (one(id=None), ONE),
+    (one(id="é" * 256), ONE),  # 256 characters, more bytes
+    (doc_of("input", [2, 3], [[1, 2, 3], [4.5, -5, 6e30]]), ONE),  # nested, ints, large
+    ({"inputs": [{"shape": [1, 3], "data": [1, 2, 3], "datatype": "FP32", "name": "input"}]}, ONE),
+    (two(), TWO),  # out of order, nested, ints
+    (doc_of("x", [2, 5], list(range(10))), FIXED),
+]
+
+
+@pytest.mark.parametrize(("doc", "signature"), TAKEN)
+def test_the_plan_takes_plain_requests_into_the_arrays_python_makes(
+    doc: dict[str, Any], signature: ModelSignature
+) -> None:
+    assert check(doc, signature)
+
+
+# -- what it gives back -------------------------------------------------------------------------
+
+
+def refused() -> Iterator[tuple[str, Any]]:
+    """Documents the Python path refuses, or reads in a way the plan leaves to it (labels)."""
+    yield "not an object", [one()]
+    yield "no inputs", {"id": "x"}
+    yield "inputs not a list", {"inputs": one()["inputs"][0]}
+    yield "inputs empty", {"inputs": []}
+    yield "id a number", one(id=7)
+    yield "id too long", one(id="x" * 257)
+    yield "parameters", one(parameters={"priority": 1})
+    yield "empty parameters", one(parameters={})
+    yield "outputs", one(outputs=[{"name": "output"}])
+    yield "more rows than a batch", one(rows=MAX_BATCH + 1)
+    yield "unknown field", one(extra=1)
+    doc = one()
+    doc["inputs"].append(copy.deepcopy(doc["inputs"][0]))
+    yield "input twice", doc
+    entry = one()["inputs"][0]
+    for key in entry:
+        doc = one()
+        del doc["inputs"][0][key]
+        yield f"no {key}", doc
+    for key, values in {
+        "name": ["output", "", None, 1, "INPUT"],
+        "datatype": ["FP64", "fp32", "INT32", "BYTES", None, 32],
+        "shape": [[1], [1, 3, 1], [3], [0, 3], [MAX_BATCH + 1, 3], [1, -3], [1.0, 3], [True, 3],
+                  [1, "3"], "1,3", None, [1, 2**70], [2, 3]],
+        "data": [[1, 2], [1, 2, 3, 4], [[1, 2, 3, 4]], [[1, 2], [3]], [1, 2, "3"], [1, 2, None],
+                 [1, 2, True], [1, 2, 1e39], [1, 2, 2**60], [1, 2, [3]], [], None, "1 2 3",
+                 [1, 2, float("nan")], [1, 2, -math.inf]],
+    }.items():  # fmt: skip
+        for value in values:
+            doc = one()
+            doc["inputs"][0][key] = value
+            yield f"{key} = {value!r}", doc
+    doc = one()
+    doc["inputs"][0]["parameters"] = {}
+    yield "input parameters", doc
+    doc = two()
+    doc["inputs"][1]["shape"] = [1, 2]
+    doc["inputs"][1]["data"] = [0.1, 0.2]
+    yield "batch sizes differ", doc
+
+
+@pytest.mark.parametrize(("label", "doc"), list(refused()), ids=[label for label, _ in refused()])
+def test_the_plan_gives_back_what_it_does_not_read_as_python_does(label: str, doc: Any) -> None:
+    signature = TWO if "batch sizes" in label else ONE
+    assert not check(doc, signature)
+
+
+def test_a_shape_too_large_for_the_body_is_left_to_the_decoder() -> None:
+    doc = one(rows=2)
+    assert check(doc, ONE, max_elements=6)
+    assert not check(doc, ONE, max_elements=5)  # (the decoder refuses it before converting)
+    assert isinstance(python_path(doc, ONE, 5), InvalidRequest)
+
+
+def test_a_plan_is_refused_for_what_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match="FP32 and FP64"):
+        _core.JsonRequestPlan([("input", "INT64", [-1, 3])], MAX_BATCH)
+    with pytest.raises(ValueError, match="1 to 256"):
+        _core.JsonRequestPlan([("x" * 257, "FP32", [-1, 3])], MAX_BATCH)
+    with pytest.raises(ValueError):
+        _core.JsonRequestPlan([], MAX_BATCH)
+
+
+# -- generated documents ------------------------------------------------------------------------
+
+ODD = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=8,
+)
+
+
+def paths(doc: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every place in ``doc`` a value sits (dict keys and list indices)."""
+    yield at
+    items = (
+        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    )
+    for key, value in items:
+        yield from paths(value, (*at, key))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), signature=st.sampled_from([ONE, TWO]))
+def test_generated_documents_are_read_as_python_reads_them_or_given_back(
+    data: st.DataObject, signature: ModelSignature
+) -> None:
+    doc = one(rows=data.draw(st.integers(1, MAX_BATCH))) if signature is ONE else two()
+    for _ in range(data.draw(st.integers(0, 3))):
+        where = data.draw(st.sampled_from(list(paths(doc))[1:]))
+        *parent_path, last = where
+        parent = doc
+        for key in parent_path:
+            parent = parent[key]
+        parent[last] = data.draw(ODD)
+    # as the server sees it: what orjson parses of what a client serialized
+    try:
+        doc = orjson.loads(orjson.dumps(doc))
+    except (orjson.JSONEncodeError, TypeError):
+        return  # (NaN, inf or a huge int: no JSON holds them)
+    check(doc, signature)
+
+
+# -- in the server ------------------------------------------------------------------------------
+
+
+async def test_the_server_answers_planned_and_decoded_requests_alike(
+    server: Server, client: aiohttp.ClientSession
+) -> None:
+    registry = server.registry
+    assert registry.get("breast_cancer", None).json_plan is not None
+    assert registry.get("adder", None).json_plan is not None  # (two inputs)
+    rows = example_rows("breast_cancer", 3)
+    entry = {"name": "input", "shape": [3, 30], "datatype": "FP32", "data": rows.tolist()}
+    answers = []
+    # planned; then with empty parameters and outputs, which the Python path decodes
+    for extra in ({}, {"parameters": {}, "outputs": []}):
+        body = {"id": "same", "inputs": [entry], **extra}
+        async with client.post("/v2/models/breast_cancer/infer", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            answers.append(await resp.json())
+    assert answers[0] == answers[1]
+    # a request the plan gives back is refused by the Python path, saying why
+    bad = {"inputs": [{**entry, "shape": [3, 29]}]}
+    async with client.post("/v2/models/breast_cancer/infer", json=bad) as resp:
+        assert resp.status == 400
+        assert "'shape' is [3, 29]" in (await resp.json())["error"]
+    stats = registry.get("breast_cancer", None).request_stats
+    assert (stats.success, stats.fail, stats.rows) == (2, 1, 6)
+    assert stats.validated == [2, 0]  # the value schema checked the planned request too
