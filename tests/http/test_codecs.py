@@ -24,6 +24,7 @@ from fastserve.http.codecs import (
     HEADER_LENGTH,
     MAX_JSON_DEPTH,
     decode_request,
+    encode_every_output_json,
     encode_response,
 )
 from fastserve.protocol import (
@@ -32,6 +33,7 @@ from fastserve.protocol import (
     InferenceResponse,
     OutputTensor,
     RequestedOutput,
+    TensorSpec,
 )
 
 MAX_ELEMENTS = 1 << 20
@@ -1398,6 +1400,29 @@ def test_json_response_edge_values() -> None:
     assert result.as_numpy("bytes").tolist() == [b"ok", b"\xff", b"str"]
     assert result.as_numpy("empty").shape == (0, 3)
     assert result.as_numpy("scalar").tolist() == 5
+
+
+def edge_outputs() -> list[OutputTensor]:
+    return [
+        *output_arrays(),
+        OutputTensor("nan", "FP32", np.array([np.nan, -np.inf, 1e-8, 3e38], np.float32)),
+        OutputTensor("half", "FP16", np.array([0.1, 65504], np.float16)),
+        OutputTensor("big_endian", "INT32", np.array([1, -2], ">i4")),
+        OutputTensor("strided", "FP64", np.arange(12.0).reshape(3, 4)[:, ::2]),
+        OutputTensor("fortran", "INT64", np.asfortranarray(np.arange(6).reshape(2, 3))),
+        OutputTensor("bytes", "BYTES", np.array([b"ok", b"\xff", "str"], dtype=object)),
+        OutputTensor("empty", "FP32", np.zeros((0, 3), np.float32)),
+        OutputTensor("scalar", "INT8", np.array(5, np.int8)),
+    ]
+
+
+@pytest.mark.parametrize("request_id", ["r1", 'quote " back \\ é \u2028 \x01'])
+def test_the_common_answer_is_written_as_encode_response_writes_it(request_id: str) -> None:
+    outputs = edge_outputs()
+    expected = encode_response(response_of(*outputs, id=request_id), InferenceRequest([]), "json")
+    specs = [TensorSpec(out.name, out.datatype, (-1,)) for out in outputs]
+    arrays = [out.data for out in outputs]
+    assert encode_every_output_json("m", "3", request_id, specs, arrays) == expected
 
 
 def test_msgpack_response() -> None:

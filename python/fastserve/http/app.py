@@ -36,6 +36,7 @@ from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import (
     decode_request,
+    encode_every_output_json,
     encode_response,
     is_plain_json,
     load_json,
@@ -482,20 +483,15 @@ async def _infer(
     finally:
         state.batching -= 1
 
-    # every output; the codec picks (and orders) the ones the request asked for
-    outputs = [
-        OutputTensor(spec.name, spec.datatype, array)
-        for spec, array in zip(model.signature.outputs, completion.outputs, strict=True)
-    ]
     # every answer carries an id to send feedback with: the client's, or one made here
     request_id = inference.id or state.next_request_id()
-    response = InferenceResponse(model.name, model.version, outputs, id=request_id)
     elapsed = time.perf_counter_ns() - started
+    parameters = None
     review = state.review
     if review is not None:
         route = state.registry.route(model.name)
         if route is not None:
-            response.parameters = review.observe(
+            parameters = review.observe(
                 route.config,
                 model,
                 route.shadow if route.primary is model else None,
@@ -506,7 +502,21 @@ async def _infer(
             )
     encode_start = time.perf_counter_ns()
     fmt = _response_format(content_type, headers.get("accept", ""))
-    payload, response_headers = encode_response(response, inference, fmt)
+    plain = inference.outputs is None and not inference.binary_output  # every output, as JSON
+    if plain and fmt == "json" and not parameters:
+        payload, response_headers = encode_every_output_json(
+            model.name, model.version, request_id, model.signature.outputs, completion.outputs
+        )
+    else:
+        # every output; the codec picks (and orders) the ones the request asked for
+        outputs = [
+            OutputTensor(spec.name, spec.datatype, array)
+            for spec, array in zip(model.signature.outputs, completion.outputs, strict=True)
+        ]
+        response = InferenceResponse(
+            model.name, model.version, outputs, id=request_id, parameters=parameters or {}
+        )
+        payload, response_headers = encode_response(response, inference, fmt)
     done = time.perf_counter_ns()
     model.request_stats.record_success(
         int(arrays[0].shape[0]),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any, Final, NoReturn
 
 import msgpack
@@ -46,6 +47,7 @@ from fastserve.protocol import (
     InputTensor,
     OutputTensor,
     RequestedOutput,
+    TensorSpec,
 )
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "MSGPACK_CONTENT_TYPE",
     "OCTET_STREAM",
     "decode_request",
+    "encode_every_output_json",
     "encode_response",
     "is_plain_json",
     "load_json",
@@ -638,6 +641,27 @@ def encode_response(
         ]
         return msgpack.packb(doc), {"Content-Type": MSGPACK_CONTENT_TYPE}
     raise ValueError(f"unknown response format {fmt!r}")
+
+
+def encode_every_output_json(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    specs: Sequence[TensorSpec],
+    arrays: Sequence[npt.NDArray[Any]],
+) -> tuple[bytes, dict[str, str]]:
+    """``encode_response`` in JSON of an answer with an id and no parameters to a request
+    that asked for every output and no binary data (the common answer), written straight
+    from the model's output ``specs`` and ``arrays``: the same bytes, without the response's
+    objects."""
+    outputs = [
+        {"name": spec.name, "datatype": spec.datatype, "shape": array.shape,
+         "data": _json_data(array, spec.datatype)}
+        for spec, array in zip(specs, arrays, strict=True)
+    ]  # fmt: skip
+    doc = {"model_name": model_name, "model_version": model_version, "id": request_id,
+           "outputs": outputs}  # fmt: skip
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), {"Content-Type": JSON_CONTENT_TYPE}
 
 
 def _selected_outputs(
