@@ -79,7 +79,7 @@ def main() -> None:
                     t0 = time.perf_counter_ns()
                     planned = plan.decode(load_json(body), len(body))
                     t1 = time.perf_counter_ns()
-                    arrays, _ = planned
+                    arrays = planned[0]
                     if model.schema is not None:
                         model.schema.compiled.check(arrays[model.schema.input_index])
                     t2 = time.perf_counter_ns()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from fastserve import _core
 from fastserve.demo import example_rows
 from fastserve.errors import InvalidRequest
-from fastserve.http.codecs import request_from_json
+from fastserve.http.codecs import HEADER_LENGTH, request_from_json
 from fastserve.protocol import ModelSignature, TensorSpec
 from fastserve.server import Server
 from fastserve.validation import validate_inputs
@@ -44,25 +45,33 @@ def plan_of(signature: ModelSignature) -> _core.JsonRequestPlan:
     return _core.JsonRequestPlan(inputs, MAX_BATCH)
 
 
-def python_path(doc: Any, signature: ModelSignature, max_elements: int) -> Any:
-    """What the Python decoder and validator make of ``doc``: (arrays, id), or the error."""
+def python_path(
+    doc: Any, signature: ModelSignature, max_elements: int, blob: bytes | None = None
+) -> Any:
+    """What the Python decoder and validator make of ``doc`` (and the binary extension's
+    ``blob``): (arrays, id, binary_data_output), or the error."""
     try:
-        request = request_from_json(doc, max_elements=max_elements)
+        view = None if blob is None else memoryview(blob)
+        request = request_from_json(doc, max_elements=max_elements, blob=view)
         arrays = validate_inputs(request, signature, max_batch_size=MAX_BATCH)
     except InvalidRequest as exc:
         return exc
-    return arrays, request.id
+    return arrays, request.id, request.binary_output
 
 
-def check(doc: Any, signature: ModelSignature, max_elements: int = 1 << 20) -> bool:
-    """The plan agrees with the Python path on ``doc``; True when it took it."""
-    planned = plan_of(signature).decode(doc, max_elements)
+def check(
+    doc: Any, signature: ModelSignature, max_elements: int = 1 << 20, blob: bytes | None = None
+) -> bool:
+    """The plan agrees with the Python path on ``doc`` (and ``blob``); True when it took it."""
+    planned = plan_of(signature).decode(
+        doc, max_elements, None if blob is None else memoryview(blob)
+    )
     if planned is None:
         return False
-    expected = python_path(doc, signature, max_elements)
+    expected = python_path(doc, signature, max_elements, blob)
     assert not isinstance(expected, Exception), f"the plan took what Python refuses: {expected}"
-    arrays, request_id = planned
-    assert request_id == expected[1]
+    arrays, request_id, binary_output = planned
+    assert (request_id, binary_output) == expected[1:]
     assert len(arrays) == len(expected[0])
     for got, want in zip(arrays, expected[0], strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -98,6 +107,8 @@ TAKEN = [
     (one(rows=MAX_BATCH), ONE),
     (one(id="req-1"), ONE),
     (one(id=None), ONE),
+    (one(parameters={}), ONE),
+    (one(parameters=None), ONE),
     (one(id="é" * 256), ONE),  # 256 characters, more bytes
     (doc_of("input", [2, 3], [[1, 2, 3], [4.5, -5, 6e30]]), ONE),  # nested, ints, large
     ({"inputs": [{"shape": [1, 3], "data": [1, 2, 3], "datatype": "FP32", "name": "input"}]}, ONE),
@@ -125,7 +136,6 @@ def refused() -> Iterator[tuple[str, Any]]:
     yield "id a number", one(id=7)
     yield "id too long", one(id="x" * 257)
     yield "parameters", one(parameters={"priority": 1})
-    yield "empty parameters", one(parameters={})
     yield "outputs", one(outputs=[{"name": "output"}])
     yield "more rows than a batch", one(rows=MAX_BATCH + 1)
     yield "unknown field", one(extra=1)
@@ -181,6 +191,84 @@ def test_a_plan_is_refused_for_what_it_cannot_read() -> None:
         _core.JsonRequestPlan([], MAX_BATCH)
 
 
+# -- the binary extension ---------------------------------------------------------------------
+
+VALUES = np.array([[1.5, -2.0, np.nan], [np.inf, 0.0, 3e38]], "<f4")
+
+
+def binary_one(rows: int = 1, **fields: Any) -> tuple[dict[str, Any], bytes]:
+    """``one`` with its input in the blob after the JSON (tritonclient's default)."""
+    values = np.resize(VALUES, (rows, 3)).astype("<f4")
+    entry = {"name": "input", "datatype": "FP32", "shape": [rows, 3],
+             "parameters": {"binary_data_size": values.nbytes}}  # fmt: skip
+    return {"inputs": [entry], **fields}, values.tobytes()
+
+
+def binary_two() -> tuple[dict[str, Any], bytes]:
+    """``two`` with ``b`` (FP64) in the blob and ``a`` in JSON."""
+    doc = two()
+    values = np.arange(8, dtype="<f8") / 3
+    doc["inputs"][0] = {"name": "b", "datatype": "FP64", "shape": [2, 2, 2],
+                        "parameters": {"binary_data_size": values.nbytes}}  # fmt: skip
+    return doc, values.tobytes()
+
+
+BINARY_TAKEN = [
+    binary_one(),
+    binary_one(rows=MAX_BATCH, id="req-2"),
+    binary_one(parameters={"binary_data_output": True}),
+    binary_one(parameters={"binary_data_output": False}),
+    binary_one(parameters={}),
+    (one(), b""),  # the header alone: the whole body is JSON
+]
+
+
+@pytest.mark.parametrize(("doc", "blob"), BINARY_TAKEN)
+def test_the_plan_takes_binary_tensors_as_python_does(doc: dict[str, Any], blob: bytes) -> None:
+    assert check(doc, ONE, blob=blob)
+
+
+def test_the_plan_takes_binary_and_json_inputs_together() -> None:
+    doc, blob = binary_two()
+    assert check(doc, TWO, blob=blob)
+
+
+def binary_refused() -> Iterator[tuple[str, Any, bytes | None]]:
+    doc, blob = binary_one()
+    yield "no blob", doc, None
+    yield "blob too short", doc, blob[:-1]
+    yield "bytes no input claims", doc, blob + b"\0\0\0\0"
+    for size in (len(blob) - 4, len(blob) + 4, -1, True, 12.0, "12", None):
+        bad = copy.deepcopy(doc)
+        bad["inputs"][0]["parameters"]["binary_data_size"] = size
+        yield f"binary_data_size = {size!r}", bad, blob
+    bad = copy.deepcopy(doc)
+    bad["inputs"][0]["parameters"]["other"] = 1
+    yield "another input parameter", bad, blob
+    bad = copy.deepcopy(doc)
+    bad["inputs"][0]["data"] = [1, 2, 3]
+    yield "data and binary_data_size", bad, blob
+    bad = copy.deepcopy(doc)
+    bad["inputs"][0]["parameters"] = None
+    yield "input parameters null", bad, blob
+    for value in ("true", 1, None):
+        yield (
+            f"binary_data_output = {value!r}",
+            {**doc, "parameters": {"binary_data_output": value}},
+            blob,
+        )
+    yield "another request parameter", {**doc, "parameters": {"priority": 1}}, blob
+
+
+@pytest.mark.parametrize(
+    ("label", "doc", "blob"), list(binary_refused()), ids=[label for label, *_ in binary_refused()]
+)
+def test_the_plan_gives_back_binary_requests_it_does_not_read(
+    label: str, doc: Any, blob: bytes | None
+) -> None:
+    assert not check(doc, ONE, blob=blob)
+
+
 # -- generated documents ------------------------------------------------------------------------
 
 ODD = st.recursive(
@@ -201,11 +289,19 @@ def paths(doc: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), signature=st.sampled_from([ONE, TWO]))
+@given(data=st.data(), kind=st.sampled_from(["one", "two", "binary one", "binary two"]))
 def test_generated_documents_are_read_as_python_reads_them_or_given_back(
-    data: st.DataObject, signature: ModelSignature
+    data: st.DataObject, kind: str
 ) -> None:
-    doc = one(rows=data.draw(st.integers(1, MAX_BATCH))) if signature is ONE else two()
+    blob = None
+    if kind == "one":
+        doc = one(rows=data.draw(st.integers(1, MAX_BATCH)))
+    elif kind == "two":
+        doc = two()
+    elif kind == "binary one":
+        doc, blob = binary_one(rows=data.draw(st.integers(1, MAX_BATCH)))
+    else:
+        doc, blob = binary_two()
     for _ in range(data.draw(st.integers(0, 3))):
         where = data.draw(st.sampled_from(list(paths(doc))[1:]))
         *parent_path, last = where
@@ -218,7 +314,7 @@ def test_generated_documents_are_read_as_python_reads_them_or_given_back(
         doc = orjson.loads(orjson.dumps(doc))
     except (orjson.JSONEncodeError, TypeError):
         return  # (NaN, inf or a huge int: no JSON holds them)
-    check(doc, signature)
+    check(doc, ONE if kind.endswith("one") else TWO, blob=blob)
 
 
 # -- in the server ------------------------------------------------------------------------------
@@ -245,6 +341,21 @@ async def test_the_server_answers_planned_and_decoded_requests_alike(
     async with client.post("/v2/models/breast_cancer/infer", json=bad) as resp:
         assert resp.status == 400
         assert "'shape' is [3, 29]" in (await resp.json())["error"]
+    # the binary extension both ways, binary answer asked for: planned, and with a field the
+    # plan does not read (and the decoder ignores)
+    raw = np.ascontiguousarray(rows, "<f4").tobytes()
+    bodies = []
+    for extra in ({}, {"unknown": 1}):
+        entry = {"name": "input", "shape": [3, 30], "datatype": "FP32",
+                 "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
+        header = orjson.dumps({"id": "bin", "inputs": [entry],
+                               "parameters": {"binary_data_output": True}, **extra})  # fmt: skip
+        headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+        path = "/v2/models/breast_cancer/infer"
+        async with client.post(path, data=header + raw, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            bodies.append((await resp.read(), resp.headers[HEADER_LENGTH]))
+    assert bodies[0] == bodies[1]
     stats = registry.get("breast_cancer", None).request_stats
-    assert (stats.success, stats.fail, stats.rows) == (2, 1, 6)
-    assert stats.validated == [2, 0]  # the value schema checked the planned request too
+    assert (stats.success, stats.fail, stats.rows) == (4, 1, 12)
+    assert stats.validated == [4, 0]  # the value schema checked the planned requests too

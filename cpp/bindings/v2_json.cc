@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -137,11 +138,14 @@ bool KeyIs(PyObject* key, const char* name) {
 }
 
 // The plain V2 JSON request of one model version: an object of "inputs" and, optionally,
-// "id" (a string or null), nothing else; "inputs" lists every input of the signature once,
-// each an object of exactly "name", "datatype" (the signature's), "shape" (the signature's,
-// with its batch dimension in 1..max_batch_size, the same for every input) and "data" (plain
-// numbers, flat or nested along "shape"). Such a request needs none of the decoder's and
-// validator's Python: Decode turns it into the batcher's arrays in one native walk.
+// "id" (a string or null) and "parameters" (at most "binary_data_output", a boolean), nothing
+// else; "inputs" lists every input of the signature once, each an object of exactly "name",
+// "datatype" (the signature's), "shape" (the signature's, with its batch dimension in
+// 1..max_batch_size, the same for every input) and either "data" (plain numbers, flat or
+// nested along "shape") or, with Triton's binary tensor extension, "parameters" of exactly
+// "binary_data_size" (the input's bytes, in order, in the blob after the JSON). Such a
+// request needs none of the decoder's and validator's Python: Decode turns it into the
+// batcher's arrays in one native walk.
 class JsonRequestPlan {
  public:
   struct Input {
@@ -172,11 +176,13 @@ class JsonRequestPlan {
     }
   }
 
-  // (arrays in signature order, id or None) of a plain request, None for any other document.
+  // (arrays in signature order, id or None, binary_data_output) of a plain request, None
+  // for any other document. `blob`: the bytes after the JSON (the binary extension), or None.
   // `max_elements` bounds each input's declared shape as the decoder does (the body's size).
-  py::object Decode(py::handle doc, Py_ssize_t max_elements) const {
+  py::object Decode(py::handle doc, Py_ssize_t max_elements, py::object blob) const {
     PyObject* id = Py_None;
     PyObject* inputs = nullptr;
+    bool binary_output = false;
     if (!PyDict_CheckExact(doc.ptr())) {
       return py::none();
     }
@@ -188,7 +194,7 @@ class JsonRequestPlan {
         inputs = value;
       } else if (KeyIs(key, "id")) {
         id = value;
-      } else {
+      } else if (!KeyIs(key, "parameters") || !BinaryOutput(value, &binary_output)) {
         return py::none();
       }
     }
@@ -198,6 +204,13 @@ class JsonRequestPlan {
     const auto n = static_cast<Py_ssize_t>(inputs_.size());
     if (inputs == nullptr || !PyList_CheckExact(inputs) || PyList_GET_SIZE(inputs) != n) {
       return py::none();
+    }
+    Blob raw;
+    if (!blob.is_none()) {
+      if (PyObject_GetBuffer(blob.ptr(), &raw.view, PyBUF_SIMPLE) != 0) {
+        throw py::error_already_set();
+      }
+      raw.held = true;
     }
     py::list arrays(n);
     std::vector<bool> seen(inputs_.size(), false);
@@ -209,13 +222,16 @@ class JsonRequestPlan {
         return py::none();
       }
       seen[k] = true;
-      py::object array = Tensor(entry, inputs_[k], max_elements, &batch);
+      py::object array = Tensor(entry, inputs_[k], max_elements, &batch, &raw);
       if (array.is_none()) {
         return py::none();
       }
       PyList_SET_ITEM(arrays.ptr(), k, array.release().ptr());
     }
-    return py::make_tuple(std::move(arrays), py::reinterpret_borrow<py::object>(id));
+    if (raw.held && raw.used != raw.view.len) {
+      return py::none();  // bytes that no input claims
+    }
+    return py::make_tuple(std::move(arrays), py::reinterpret_borrow<py::object>(id), binary_output);
   }
 
  private:
@@ -237,16 +253,49 @@ class JsonRequestPlan {
     return -1;
   }
 
+  // The blob of the binary extension while Decode reads it: how much of it the inputs took.
+  struct Blob {
+    Py_buffer view{};
+    bool held = false;
+    Py_ssize_t used = 0;
+    Blob() = default;
+    Blob(const Blob&) = delete;
+    Blob& operator=(const Blob&) = delete;
+    ~Blob() {
+      if (held) {
+        PyBuffer_Release(&view);
+      }
+    }
+  };
+
+  // The request's "parameters", when they are none or only a boolean "binary_data_output".
+  static bool BinaryOutput(PyObject* parameters, bool* binary_output) {
+    if (parameters == Py_None) {
+      return true;
+    }
+    if (!PyDict_CheckExact(parameters) || PyDict_GET_SIZE(parameters) > 1) {
+      return false;
+    }
+    Py_ssize_t pos = 0;
+    PyObject* key;
+    PyObject* value;
+    while (PyDict_Next(parameters, &pos, &key, &value)) {
+      if (!KeyIs(key, "binary_data_output") || (value != Py_True && value != Py_False)) {
+        return false;
+      }
+      *binary_output = value == Py_True;
+    }
+    return true;
+  }
+
   // The array of one input entry (its name already matched `spec`), or None.
-  py::object Tensor(PyObject* entry, const Input& spec, Py_ssize_t max_elements,
-                    int64_t* batch) const {
+  py::object Tensor(PyObject* entry, const Input& spec, Py_ssize_t max_elements, int64_t* batch,
+                    Blob* blob) const {
     PyObject* datatype = PyDict_GetItem(entry, datatype_key_.ptr());
     PyObject* shape = PyDict_GetItem(entry, shape_key_.ptr());
-    PyObject* data = PyDict_GetItem(entry, data_key_.ptr());
-    if (datatype == nullptr || shape == nullptr || data == nullptr ||
-        !PyUnicode_CheckExact(datatype) ||
+    if (datatype == nullptr || shape == nullptr || !PyUnicode_CheckExact(datatype) ||
         PyUnicode_CompareWithASCIIString(datatype, spec.datatype.c_str()) != 0 ||
-        !PyList_CheckExact(shape) || !PyList_CheckExact(data) ||
+        !PyList_CheckExact(shape) ||
         PyList_GET_SIZE(shape) != static_cast<Py_ssize_t>(spec.shape.size())) {
       return py::none();
     }
@@ -276,7 +325,47 @@ class JsonRequestPlan {
       }
       *batch = dims[0];
     }
-    return NumbersOf(data, dims, spec.datatype == "FP64");
+    const bool fp64 = spec.datatype == "FP64";
+    PyObject* data = PyDict_GetItem(entry, data_key_.ptr());
+    if (data != nullptr) {
+      return PyList_CheckExact(data) ? NumbersOf(data, dims, fp64) : py::none();
+    }
+    return FromBlob(PyDict_GetItem(entry, parameters_key_.ptr()), dims, fp64, blob);
+  }
+
+  // An input's tensor from the binary extension's blob: its "parameters" exactly
+  // {"binary_data_size": its bytes}, the next that many bytes of the blob, as many as `dims`
+  // of the datatype need. Copied (the blob is little-endian, as this host must be).
+  static py::object FromBlob(PyObject* parameters, const std::vector<Py_ssize_t>& dims, bool fp64,
+                             Blob* blob) {
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    return py::none();  // a big-endian host: the decoder swaps the bytes
+#endif
+    if (parameters == nullptr || !blob->held || !PyDict_CheckExact(parameters) ||
+        PyDict_GET_SIZE(parameters) != 1) {
+      return py::none();
+    }
+    PyObject* size = PyDict_GetItemString(parameters, "binary_data_size");
+    if (size == nullptr || !PyLong_CheckExact(size)) {
+      return py::none();
+    }
+    int overflow = 0;
+    const long long bytes = PyLong_AsLongLongAndOverflow(size, &overflow);
+    Py_ssize_t count = 1;
+    for (const Py_ssize_t dim : dims) {
+      count *= dim;
+    }
+    const Py_ssize_t itemsize = fp64 ? 8 : 4;
+    if (overflow != 0 || bytes != count * itemsize || bytes > blob->view.len - blob->used) {
+      return py::none();
+    }
+    py::array out =
+        fp64 ? py::array(py::array_t<double>(std::vector<py::ssize_t>(dims.begin(), dims.end())))
+             : py::array(py::array_t<float>(std::vector<py::ssize_t>(dims.begin(), dims.end())));
+    std::memcpy(out.mutable_data(), static_cast<const char*>(blob->view.buf) + blob->used,
+                static_cast<size_t>(bytes));
+    blob->used += static_cast<Py_ssize_t>(bytes);
+    return std::move(out);
   }
 
   std::vector<Input> inputs_;
@@ -286,6 +375,7 @@ class JsonRequestPlan {
   py::str datatype_key_{"datatype"};
   py::str shape_key_{"shape"};
   py::str data_key_{"data"};
+  py::str parameters_key_{"parameters"};
 };
 
 }  // namespace
@@ -305,7 +395,9 @@ void BindV2Json(py::module_& m) {
            "The plain V2 JSON request of a model version whose inputs, (name, datatype, "
            "shape with -1 for any size), are all FP32 or FP64.")
       .def("decode", &JsonRequestPlan::Decode, py::arg("doc"), py::arg("max_elements"),
-           "(arrays in signature order, id or None) of a plain request's parsed document, "
+           py::arg("blob") = py::none(),
+           "(arrays in signature order, id or None, binary_data_output) of a plain request's "
+           "parsed document (and `blob`, the bytes after it with the binary extension), "
            "checked against the signature; None for any other document, which the Python "
            "decoder then decodes or refuses.");
 }

@@ -22,7 +22,9 @@ class JsonRequestPlan:
     def __init__(
         self, inputs: Sequence[tuple[str, str, Sequence[int]]], max_batch_size: int
     ) -> None: ...
-    def decode(self, doc: Any, max_elements: int) -> tuple[list[_Array], str | None] | None: ...
+    def decode(
+        self, doc: Any, max_elements: int, blob: Any = None
+    ) -> tuple[list[_Array], str | None, bool] | None: ...
 
 class BatchPolicy:
     def __init__(

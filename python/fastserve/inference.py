@@ -4,9 +4,10 @@ The HTTP handler and ``fastserve batch`` both call ``prepare``, so online and of
 predictions go through the same pipelines, feature packing, shape and type validation and
 value schema: what one accepts, the other accepts, and they cannot drift apart.
 
-The one shortcut: a plain JSON request that the version's ``JsonRequestPlan`` reads (every
-input FP32 or FP64, no pipeline; see ``ServedModel.json_plan``) is decoded and checked against
-the signature natively, and ``prepare_planned`` does the rest. The plan takes only what the
+The one shortcut: a plain JSON request (binary extension included) that the version's
+``JsonRequestPlan`` reads (every input FP32 or FP64, no pipeline; see
+``ServedModel.json_plan``) is decoded and checked against the signature natively, and
+``prepare_planned`` does the rest. The plan takes only what the
 decoder and ``validate_inputs`` would accept, reading it the same (``tests/test_json_plan.py``
 holds it to that); anything else goes the whole way, which explains what is wrong with it.
 """
@@ -89,17 +90,20 @@ def prepare_planned(
     model: ServedModel,
     arrays: list[npt.NDArray[Any]],
     request_id: str | None,
+    binary_output: bool,
     metrics: Metrics,
     decoded: int,
 ) -> Prepared:
     """``prepare`` for a request that ``model.json_plan`` decoded into ``arrays`` (already
-    checked against the signature; no parameters, every output): the value schema is left.
-    Its ``Prepared.request`` carries the id alone."""
+    checked against the signature; no parameters but ``binary_data_output``, every output):
+    the value schema is left. Its ``Prepared.request`` carries the id and that parameter."""
     schema = model.schema
     if schema is not None and model.config.validation != "off":
         check_values(model, arrays[schema.input_index], metrics)
     priority = model.config.batching.priority_index(0)
-    return Prepared(InferenceRequest([], request_id), arrays, priority, -1, decoded, None)
+    parameters = {"binary_data_output": True} if binary_output else {}
+    request = InferenceRequest([], request_id, parameters=parameters)
+    return Prepared(request, arrays, priority, -1, decoded, None)
 
 
 def request_options(request: InferenceRequest, model: ServedModel) -> tuple[int, int]:

@@ -1416,13 +1416,22 @@ def edge_outputs() -> list[OutputTensor]:
     ]
 
 
+@pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("request_id", ["r1", 'quote " back \\ é \u2028 \x01'])
-def test_the_common_answer_is_written_as_encode_response_writes_it(request_id: str) -> None:
+def test_the_common_answer_is_written_as_encode_response_writes_it(
+    request_id: str, binary: bool
+) -> None:
     outputs = edge_outputs()
-    expected = encode_response(response_of(*outputs, id=request_id), InferenceRequest([]), "json")
+    request = InferenceRequest([], parameters={"binary_data_output": binary})
+    expected = encode_response(response_of(*outputs, id=request_id), request, "json")
     specs = [TensorSpec(out.name, out.datatype, (-1,)) for out in outputs]
     arrays = [out.data for out in outputs]
-    assert encode_every_output_json("m", "3", request_id, specs, arrays) == expected
+    written = encode_every_output_json("m", "3", request_id, specs, arrays, binary=binary)
+    assert written == expected
+    result = parse_with_tritonclient(*written)
+    assert result.get_response()["id"] == request_id
+    for out in outputs[:3]:  # (BOOL, UINT8, UINT16: each read back whole)
+        assert result.as_numpy(out.name).tolist() == out.data.tolist()
 
 
 def test_msgpack_response() -> None:

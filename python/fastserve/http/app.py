@@ -38,7 +38,7 @@ from fastserve.http.codecs import (
     decode_request,
     encode_every_output_json,
     encode_response,
-    is_plain_json,
+    json_parts,
     load_json,
     request_from_json,
 )
@@ -456,11 +456,13 @@ async def _infer(
     decode_start = time.perf_counter_ns()
     plan = model.json_plan
     planned = None
-    if plan is not None and is_plain_json(content_type, header_length):
-        doc = load_json(body)
-        planned = plan.decode(doc, max_elements)  # the common request, read natively
+    parts = json_parts(body, content_type, header_length) if plan is not None else None
+    if plan is not None and parts is not None:
+        text, blob = parts
+        doc = load_json(text)
+        planned = plan.decode(doc, max_elements, blob)  # the common request, read natively
         if planned is None:  # anything else: decoded (or refused, saying why) in Python
-            inference = request_from_json(doc, max_elements=max_elements)
+            inference = request_from_json(doc, max_elements=max_elements, blob=blob)
     else:
         inference = decode_request(body, content_type, header_length, max_elements=max_elements)
     decoded = time.perf_counter_ns()
@@ -502,10 +504,14 @@ async def _infer(
             )
     encode_start = time.perf_counter_ns()
     fmt = _response_format(content_type, headers.get("accept", ""))
-    plain = inference.outputs is None and not inference.binary_output  # every output, as JSON
-    if plain and fmt == "json" and not parameters:
+    if inference.outputs is None and fmt == "json" and not parameters:  # every output
         payload, response_headers = encode_every_output_json(
-            model.name, model.version, request_id, model.signature.outputs, completion.outputs
+            model.name,
+            model.version,
+            request_id,
+            model.signature.outputs,
+            completion.outputs,
+            binary=inference.binary_output,
         )
     else:
         # every output; the codec picks (and orders) the ones the request asked for

@@ -58,7 +58,7 @@ __all__ = [
     "decode_request",
     "encode_every_output_json",
     "encode_response",
-    "is_plain_json",
+    "json_parts",
     "load_json",
     "request_from_json",
     "tensor_bytes",
@@ -126,14 +126,11 @@ def decode_request(
     Raises InvalidRequest (400) for a malformed body and UnsupportedMediaType (415) for a
     content type that is not JSON, binary tensors or msgpack.
     """
+    parts = json_parts(body, content_type, header_length)
+    if parts is not None:
+        text, blob = parts
+        return request_from_json(load_json(text), max_elements=max_elements, blob=blob)
     media = _media_type(content_type)
-    if media in _JSON_TYPES or (media == OCTET_STREAM and header_length is not None):
-        if header_length is None:
-            return _request_from_doc(load_json(body), max_elements, None, msgpack_doc=False)
-        split = _parse_header_length(header_length, len(body))
-        header = body[:split]
-        blob = memoryview(body)[split:]
-        return _request_from_doc(load_json(header), max_elements, blob, msgpack_doc=False)
     if media in _MSGPACK_TYPES:
         if header_length is not None:
             raise InvalidRequest(f"{HEADER_LENGTH} is only valid with JSON bodies, not msgpack")
@@ -147,15 +144,29 @@ def decode_request(
     )
 
 
-def is_plain_json(content_type: str | None, header_length: str | None) -> bool:
-    """A JSON body with no binary tensors after it: what a ``_core.JsonRequestPlan`` may read
-    (from ``load_json``'s document; ``request_from_json`` decodes what it does not take)."""
-    return header_length is None and _media_type(content_type) in _JSON_TYPES
+def json_parts(
+    body: bytes, content_type: str | None, header_length: str | None
+) -> tuple[bytes, memoryview | None] | None:
+    """The JSON document and the binary tensors after it (None: none) of a JSON body, or of
+    one with Triton's binary extension; None for any other body (msgpack, or what
+    ``decode_request`` refuses). Raises InvalidRequest for a bad ``header_length``.
+
+    What a ``_core.JsonRequestPlan`` reads (the document as ``load_json`` parses it, and
+    the blob); ``request_from_json`` decodes what it does not take."""
+    media = _media_type(content_type)
+    if media in _JSON_TYPES or (media == OCTET_STREAM and header_length is not None):
+        if header_length is None:
+            return body, None
+        split = _parse_header_length(header_length, len(body))
+        return body[:split], memoryview(body)[split:]
+    return None
 
 
-def request_from_json(doc: Any, *, max_elements: int) -> InferenceRequest:
-    """``decode_request`` of a plain JSON body (``is_plain_json``) that ``load_json`` parsed."""
-    return _request_from_doc(doc, max_elements, None, msgpack_doc=False)
+def request_from_json(
+    doc: Any, *, max_elements: int, blob: memoryview | None = None
+) -> InferenceRequest:
+    """``decode_request`` of a body that ``json_parts`` split and ``load_json`` parsed."""
+    return _request_from_doc(doc, max_elements, blob, msgpack_doc=False)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -628,7 +639,7 @@ def encode_response(
     if resp.parameters:
         doc["parameters"] = resp.parameters
     if fmt == "json":
-        return _encode_json(doc, selected)
+        return _encode_json(doc, [(out.name, out.datatype, out.data, b) for out, b in selected])
     if fmt == "msgpack":
         doc["outputs"] = [
             {
@@ -649,19 +660,19 @@ def encode_every_output_json(
     request_id: str,
     specs: Sequence[TensorSpec],
     arrays: Sequence[npt.NDArray[Any]],
+    *,
+    binary: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
     """``encode_response`` in JSON of an answer with an id and no parameters to a request
-    that asked for every output and no binary data (the common answer), written straight
-    from the model's output ``specs`` and ``arrays``: the same bytes, without the response's
-    objects."""
-    outputs = [
-        {"name": spec.name, "datatype": spec.datatype, "shape": array.shape,
-         "data": _json_data(array, spec.datatype)}
+    that asked for every output (``binary``: all as binary data, as ``binary_data_output``
+    asks), the common answer, written straight from the model's output ``specs`` and
+    ``arrays``: the same bytes, without the response's objects."""
+    doc = {"model_name": model_name, "model_version": model_version, "id": request_id}
+    entries = [
+        (spec.name, spec.datatype, array, binary)
         for spec, array in zip(specs, arrays, strict=True)
     ]  # fmt: skip
-    doc = {"model_name": model_name, "model_version": model_version, "id": request_id,
-           "outputs": outputs}  # fmt: skip
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), {"Content-Type": JSON_CONTENT_TYPE}
+    return _encode_json(doc, entries)
 
 
 def _selected_outputs(
@@ -682,22 +693,19 @@ def _selected_outputs(
 
 
 def _encode_json(
-    doc: dict[str, Any], selected: list[tuple[OutputTensor, bool]]
+    doc: dict[str, Any], entries: list[tuple[str, str, npt.NDArray[Any], bool]]
 ) -> tuple[bytes, dict[str, str]]:
+    """``doc`` with the ``outputs`` (name, datatype, data, as binary data) in JSON."""
     outputs = []
     chunks: list[bytes | memoryview] = []
-    for out, binary in selected:
-        entry: dict[str, Any] = {
-            "name": out.name,
-            "datatype": out.datatype,
-            "shape": list(out.data.shape),
-        }
+    for name, datatype, data, binary in entries:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": data.shape}
         if binary:
-            raw = tensor_bytes(out.data, out.datatype)
+            raw = tensor_bytes(data, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = _json_data(out.data, out.datatype)
+            entry["data"] = _json_data(data, datatype)
         outputs.append(entry)
     doc["outputs"] = outputs
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
