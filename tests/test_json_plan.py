@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import msgpack
 import numpy as np
 import orjson
 import pytest
@@ -25,8 +26,13 @@ from hypothesis import strategies as st
 from fastserve import _core
 from fastserve.demo import example_rows
 from fastserve.errors import InvalidRequest
-from fastserve.http.codecs import HEADER_LENGTH, request_from_json
-from fastserve.protocol import ModelSignature, TensorSpec
+from fastserve.http.codecs import (
+    HEADER_LENGTH,
+    decode_request,
+    decode_with_plan,
+    request_from_json,
+)
+from fastserve.protocol import InferenceRequest, ModelSignature, TensorSpec
 from fastserve.server import Server
 from fastserve.validation import validate_inputs
 
@@ -267,6 +273,96 @@ def test_the_plan_gives_back_binary_requests_it_does_not_read(
     label: str, doc: Any, blob: bytes | None
 ) -> None:
     assert not check(doc, ONE, blob=blob)
+
+
+# -- msgpack ------------------------------------------------------------------------------------
+
+
+def check_msgpack(doc: Any, signature: ModelSignature) -> bool:
+    """``decode_with_plan`` of ``doc`` as a msgpack body agrees with ``decode_request`` and
+    ``validate_inputs``; True when the plan took it."""
+    try:
+        body = msgpack.packb(doc)
+    except (TypeError, ValueError, OverflowError):
+        return False  # (nothing msgpack can carry)
+    plan = plan_of(signature)
+    try:
+        expected = decode_request(body, "application/msgpack", None, max_elements=len(body))
+        arrays = validate_inputs(expected, signature, max_batch_size=MAX_BATCH)
+    except InvalidRequest:  # Python refuses it: the plan must give it back, to be refused alike
+        try:
+            read = decode_with_plan(body, "application/msgpack", None, plan, max_elements=len(body))
+        except InvalidRequest:
+            return False
+        assert isinstance(read, InferenceRequest), "the plan took what Python refuses"
+        with pytest.raises(InvalidRequest):
+            validate_inputs(read, signature, max_batch_size=MAX_BATCH)
+        return False
+    read = decode_with_plan(body, "application/msgpack", None, plan, max_elements=len(body))
+    if isinstance(read, InferenceRequest):
+        return False
+    got, request_id, binary_output = read
+    assert (request_id, binary_output) == (expected.id, expected.binary_output)
+    for mine, want in zip(got, arrays, strict=True):
+        assert mine.dtype == want.dtype and mine.shape == want.shape
+        assert mine.tobytes() == want.tobytes()
+    return True
+
+
+def msgpack_one(rows: int = 1, **fields: Any) -> dict[str, Any]:
+    doc = one(rows, **fields)
+    values = np.resize(VALUES, (rows, 3)).astype("<f4")
+    doc["inputs"][0]["data"] = values.tobytes()
+    return doc
+
+
+MSGPACK_TAKEN = [
+    (one(), ONE),
+    (msgpack_one(), ONE),
+    (msgpack_one(rows=MAX_BATCH, id="m"), ONE),
+    (msgpack_one(parameters={"binary_data_output": True}), ONE),
+    (two(), TWO),
+]
+
+
+@pytest.mark.parametrize(("doc", "signature"), MSGPACK_TAKEN)
+def test_the_plan_takes_msgpack_bodies_as_python_does(
+    doc: dict[str, Any], signature: ModelSignature
+) -> None:
+    assert check_msgpack(doc, signature)
+
+
+def msgpack_refused() -> Iterator[tuple[str, Any]]:
+    doc = msgpack_one()
+    yield "bytes too short", {**doc, "inputs": [{**doc["inputs"][0], "data": b"\0" * 8}]}
+    yield "bytes too long", {**doc, "inputs": [{**doc["inputs"][0], "data": b"\0" * 16}]}
+    yield "id as bytes", {**doc, "id": b"x"}
+    yield "a key not a string", {**doc, 1: "x"}
+    yield "name as bytes", {**doc, "inputs": [{**doc["inputs"][0], "name": b"input"}]}
+    yield "parameters with bytes", {**doc, "parameters": {"binary_data_output": b"1"}}
+
+
+@pytest.mark.parametrize(
+    ("label", "doc"), list(msgpack_refused()), ids=[label for label, _ in msgpack_refused()]
+)
+def test_the_plan_gives_back_msgpack_bodies_it_does_not_read(label: str, doc: Any) -> None:
+    assert not check_msgpack(doc, ONE)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), raw=st.booleans())
+def test_generated_msgpack_bodies_are_read_as_python_reads_them_or_given_back(
+    data: st.DataObject, raw: bool
+) -> None:
+    doc = msgpack_one(rows=data.draw(st.integers(1, MAX_BATCH))) if raw else one()
+    for _ in range(data.draw(st.integers(0, 3))):
+        where = data.draw(st.sampled_from(list(paths(doc))[1:]))
+        *parent_path, last = where
+        parent = doc
+        for key in parent_path:
+            parent = parent[key]
+        parent[last] = data.draw(ODD | st.binary(max_size=16))
+    check_msgpack(doc, ONE)
 
 
 # -- generated documents ------------------------------------------------------------------------

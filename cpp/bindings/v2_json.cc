@@ -143,7 +143,8 @@ bool KeyIs(PyObject* key, const char* name) {
 // "datatype" (the signature's), "shape" (the signature's, with its batch dimension in
 // 1..max_batch_size, the same for every input) and either "data" (plain numbers, flat or
 // nested along "shape") or, with Triton's binary tensor extension, "parameters" of exactly
-// "binary_data_size" (the input's bytes, in order, in the blob after the JSON). Such a
+// "binary_data_size" (the input's bytes, in order, in the blob after the JSON). A msgpack
+// body's document is read alike, its "data" also raw little-endian bytes. Such a
 // request needs none of the decoder's and validator's Python: Decode turns it into the
 // batcher's arrays in one native walk.
 class JsonRequestPlan {
@@ -178,8 +179,9 @@ class JsonRequestPlan {
 
   // (arrays in signature order, id or None, binary_data_output) of a plain request, None
   // for any other document. `blob`: the bytes after the JSON (the binary extension), or None.
+  // `msgpack`: the document is a msgpack body's, whose "data" may also be raw bytes.
   // `max_elements` bounds each input's declared shape as the decoder does (the body's size).
-  py::object Decode(py::handle doc, Py_ssize_t max_elements, py::object blob) const {
+  py::object Decode(py::handle doc, Py_ssize_t max_elements, py::object blob, bool msgpack) const {
     PyObject* id = Py_None;
     PyObject* inputs = nullptr;
     bool binary_output = false;
@@ -222,7 +224,7 @@ class JsonRequestPlan {
         return py::none();
       }
       seen[k] = true;
-      py::object array = Tensor(entry, inputs_[k], max_elements, &batch, &raw);
+      py::object array = Tensor(entry, inputs_[k], max_elements, &batch, &raw, msgpack);
       if (array.is_none()) {
         return py::none();
       }
@@ -290,7 +292,7 @@ class JsonRequestPlan {
 
   // The array of one input entry (its name already matched `spec`), or None.
   py::object Tensor(PyObject* entry, const Input& spec, Py_ssize_t max_elements, int64_t* batch,
-                    Blob* blob) const {
+                    Blob* blob, bool msgpack) const {
     PyObject* datatype = PyDict_GetItem(entry, datatype_key_.ptr());
     PyObject* shape = PyDict_GetItem(entry, shape_key_.ptr());
     if (datatype == nullptr || shape == nullptr || !PyUnicode_CheckExact(datatype) ||
@@ -328,19 +330,21 @@ class JsonRequestPlan {
     const bool fp64 = spec.datatype == "FP64";
     PyObject* data = PyDict_GetItem(entry, data_key_.ptr());
     if (data != nullptr) {
-      return PyList_CheckExact(data) ? NumbersOf(data, dims, fp64) : py::none();
+      if (PyList_CheckExact(data)) {
+        return NumbersOf(data, dims, fp64);
+      }
+      if (msgpack && PyBytes_CheckExact(data)) {  // a msgpack body's raw values
+        return FromBytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), dims, fp64);
+      }
+      return py::none();
     }
     return FromBlob(PyDict_GetItem(entry, parameters_key_.ptr()), dims, fp64, blob);
   }
 
   // An input's tensor from the binary extension's blob: its "parameters" exactly
-  // {"binary_data_size": its bytes}, the next that many bytes of the blob, as many as `dims`
-  // of the datatype need. Copied (the blob is little-endian, as this host must be).
+  // {"binary_data_size": its bytes}, the next that many bytes of the blob.
   static py::object FromBlob(PyObject* parameters, const std::vector<Py_ssize_t>& dims, bool fp64,
                              Blob* blob) {
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-    return py::none();  // a big-endian host: the decoder swaps the bytes
-#endif
     if (parameters == nullptr || !blob->held || !PyDict_CheckExact(parameters) ||
         PyDict_GET_SIZE(parameters) != 1) {
       return py::none();
@@ -351,20 +355,36 @@ class JsonRequestPlan {
     }
     int overflow = 0;
     const long long bytes = PyLong_AsLongLongAndOverflow(size, &overflow);
+    if (overflow != 0 || bytes < 0 || bytes > blob->view.len - blob->used) {
+      return py::none();
+    }
+    const char* start = static_cast<const char*>(blob->view.buf) + blob->used;
+    py::object array = FromBytes(start, static_cast<Py_ssize_t>(bytes), dims, fp64);
+    if (!array.is_none()) {
+      blob->used += static_cast<Py_ssize_t>(bytes);
+    }
+    return array;
+  }
+
+  // The tensor of `dims` whose raw little-endian values are the `size` bytes at `start`, when
+  // that is exactly as many as it needs; None otherwise. Copied (this host must be
+  // little-endian: on another, the decoder swaps the bytes).
+  static py::object FromBytes(const char* start, Py_ssize_t size,
+                              const std::vector<Py_ssize_t>& dims, bool fp64) {
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    return py::none();
+#endif
     Py_ssize_t count = 1;
     for (const Py_ssize_t dim : dims) {
       count *= dim;
     }
-    const Py_ssize_t itemsize = fp64 ? 8 : 4;
-    if (overflow != 0 || bytes != count * itemsize || bytes > blob->view.len - blob->used) {
+    if (size != count * (fp64 ? 8 : 4)) {
       return py::none();
     }
+    const std::vector<py::ssize_t> shape(dims.begin(), dims.end());
     py::array out =
-        fp64 ? py::array(py::array_t<double>(std::vector<py::ssize_t>(dims.begin(), dims.end())))
-             : py::array(py::array_t<float>(std::vector<py::ssize_t>(dims.begin(), dims.end())));
-    std::memcpy(out.mutable_data(), static_cast<const char*>(blob->view.buf) + blob->used,
-                static_cast<size_t>(bytes));
-    blob->used += static_cast<Py_ssize_t>(bytes);
+        fp64 ? py::array(py::array_t<double>(shape)) : py::array(py::array_t<float>(shape));
+    std::memcpy(out.mutable_data(), start, static_cast<size_t>(size));
     return std::move(out);
   }
 
@@ -395,9 +415,10 @@ void BindV2Json(py::module_& m) {
            "The plain V2 JSON request of a model version whose inputs, (name, datatype, "
            "shape with -1 for any size), are all FP32 or FP64.")
       .def("decode", &JsonRequestPlan::Decode, py::arg("doc"), py::arg("max_elements"),
-           py::arg("blob") = py::none(),
+           py::arg("blob") = py::none(), py::arg("msgpack") = false,
            "(arrays in signature order, id or None, binary_data_output) of a plain request's "
-           "parsed document (and `blob`, the bytes after it with the binary extension), "
+           "parsed document (and `blob`, the bytes after it with the binary extension; with "
+           "`msgpack`, a msgpack body's document, whose data may be raw bytes), "
            "checked against the signature; None for any other document, which the Python "
            "decoder then decodes or refuses.");
 }

@@ -23,7 +23,7 @@ class JsonRequestPlan:
         self, inputs: Sequence[tuple[str, str, Sequence[int]]], max_batch_size: int
     ) -> None: ...
     def decode(
-        self, doc: Any, max_elements: int, blob: Any = None
+        self, doc: Any, max_elements: int, blob: Any = None, msgpack: bool = False
     ) -> tuple[list[_Array], str | None, bool] | None: ...
 
 class BatchPolicy:

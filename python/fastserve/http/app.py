@@ -36,16 +36,14 @@ from fastserve.http import errors as http_errors
 from fastserve.http.body import read_body
 from fastserve.http.codecs import (
     decode_request,
+    decode_with_plan,
     encode_every_output_json,
     encode_response,
-    json_parts,
-    load_json,
-    request_from_json,
 )
 from fastserve.inference import prepare, prepare_planned
 from fastserve.model import PLATFORM, ServedModel
 from fastserve.monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from fastserve.protocol import InferenceResponse, OutputTensor
+from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
 from fastserve.registry import Registry
 from fastserve.review.service import Review
 from fastserve.workers import Worker, from_sibling, group_metrics, group_statistics
@@ -456,15 +454,14 @@ async def _infer(
     decode_start = time.perf_counter_ns()
     plan = model.json_plan
     planned = None
-    parts = json_parts(body, content_type, header_length) if plan is not None else None
-    if plan is not None and parts is not None:
-        text, blob = parts
-        doc = load_json(text)
-        planned = plan.decode(doc, max_elements, blob)  # the common request, read natively
-        if planned is None:  # anything else: decoded (or refused, saying why) in Python
-            inference = request_from_json(doc, max_elements=max_elements, blob=blob)
-    else:
+    if plan is None:
         inference = decode_request(body, content_type, header_length, max_elements=max_elements)
+    else:  # the common request read natively, anything else decoded (or refused) in Python
+        read = decode_with_plan(body, content_type, header_length, plan, max_elements=max_elements)
+        if isinstance(read, InferenceRequest):
+            inference = read
+        else:
+            planned = read
     decoded = time.perf_counter_ns()
     if planned is not None:
         prepared = prepare_planned(model, *planned, metrics, decoded)

@@ -56,9 +56,9 @@ __all__ = [
     "MSGPACK_CONTENT_TYPE",
     "OCTET_STREAM",
     "decode_request",
+    "decode_with_plan",
     "encode_every_output_json",
     "encode_response",
-    "json_parts",
     "load_json",
     "request_from_json",
     "tensor_bytes",
@@ -126,7 +126,7 @@ def decode_request(
     Raises InvalidRequest (400) for a malformed body and UnsupportedMediaType (415) for a
     content type that is not JSON, binary tensors or msgpack.
     """
-    parts = json_parts(body, content_type, header_length)
+    parts = _json_parts(body, content_type, header_length)
     if parts is not None:
         text, blob = parts
         return request_from_json(load_json(text), max_elements=max_elements, blob=blob)
@@ -144,15 +144,12 @@ def decode_request(
     )
 
 
-def json_parts(
+def _json_parts(
     body: bytes, content_type: str | None, header_length: str | None
 ) -> tuple[bytes, memoryview | None] | None:
     """The JSON document and the binary tensors after it (None: none) of a JSON body, or of
     one with Triton's binary extension; None for any other body (msgpack, or what
-    ``decode_request`` refuses). Raises InvalidRequest for a bad ``header_length``.
-
-    What a ``_core.JsonRequestPlan`` reads (the document as ``load_json`` parses it, and
-    the blob); ``request_from_json`` decodes what it does not take."""
+    ``decode_request`` refuses). Raises InvalidRequest for a bad ``header_length``."""
     media = _media_type(content_type)
     if media in _JSON_TYPES or (media == OCTET_STREAM and header_length is not None):
         if header_length is None:
@@ -165,8 +162,42 @@ def json_parts(
 def request_from_json(
     doc: Any, *, max_elements: int, blob: memoryview | None = None
 ) -> InferenceRequest:
-    """``decode_request`` of a body that ``json_parts`` split and ``load_json`` parsed."""
+    """``decode_request`` of a JSON body's document that ``load_json`` parsed (``blob``: the
+    binary extension's bytes after it)."""
     return _request_from_doc(doc, max_elements, blob, msgpack_doc=False)
+
+
+Planned = tuple[list[npt.NDArray[Any]], str | None, bool]
+"""What a ``_core.JsonRequestPlan`` reads of a request: its arrays in signature order, already
+checked against it, its id and its ``binary_data_output``."""
+
+
+def decode_with_plan(
+    body: bytes,
+    content_type: str | None,
+    header_length: str | None,
+    plan: _core.JsonRequestPlan,
+    *,
+    max_elements: int,
+) -> InferenceRequest | Planned:
+    """``decode_request``, with the common request (JSON, binary extension or msgpack) read by
+    a model version's ``plan`` natively; any other body decoded as ``decode_request`` decodes
+    it, or refused, saying why. The document is parsed once either way."""
+    parts = _json_parts(body, content_type, header_length)
+    if parts is not None:
+        text, blob = parts
+        doc = load_json(text)
+        planned = plan.decode(doc, max_elements, blob)
+        if planned is not None:
+            return planned
+        return _request_from_doc(doc, max_elements, blob, msgpack_doc=False)
+    if header_length is None and _media_type(content_type) in _MSGPACK_TYPES:
+        doc = _load_msgpack(body)
+        planned = plan.decode(doc, max_elements, None, True)
+        if planned is not None:
+            return planned
+        return _request_from_doc(doc, max_elements, None, msgpack_doc=True)
+    return decode_request(body, content_type, header_length, max_elements=max_elements)
 
 
 def _media_type(content_type: str | None) -> str:
