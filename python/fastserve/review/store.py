@@ -32,6 +32,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import sqlite3
 import threading
 import time
@@ -263,18 +264,36 @@ class ReviewStore:
         # first: several workers (``fastserve.workers``) open the file at once, and the
         # next statements need its lock
         db.execute(f"PRAGMA busy_timeout={round(self.busy_timeout_s * 1000)}")
+        # Where two of them upgrade their locks at once, SQLite refuses one at once instead
+        # of waiting (it would deadlock): a fresh file opened by four processes together
+        # failed so in 16 of 30 tries. The set-up is idempotent, so it is tried again.
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                self._set_up(db)
+                break
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc) or time.monotonic() > deadline:
+                    db.close()
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))  # (apart, so that one goes first)
+            except BaseException:
+                db.close()
+                raise
+        self._db = db
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
+        """WAL, the pragmas, and the schema (created where missing)."""
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version not in (0, SCHEMA_VERSION):
-            db.close()
             raise sqlite3.DatabaseError(
                 f"{self.path}: schema version {version}, this fastserve knows {SCHEMA_VERSION}"
             )
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._db = db
 
     def _close(self) -> None:
         self._flush()
@@ -461,6 +480,11 @@ class ReviewStore:
 
 def _never() -> bool:
     return False
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """The file (or a table) was locked by another connection (SQLITE_BUSY, SQLITE_LOCKED)."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class _Turns:
