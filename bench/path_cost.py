@@ -2,14 +2,16 @@
 to the whole path of the plain server of bench/baselines.py (parse, session.run, encode):
 
     taskset -c 0 python bench/path_cost.py [--model breast_cancer] [--requests 20000]
+                                           [--encoding json|binary|msgpack]
 
-Steps, as the server takes a plain JSON request: decode (the body parsed by orjson, then read
-into the batcher's arrays and checked against the signature by the version's native
-``JsonRequestPlan``), validate (the value schema), batcher (submit, batch, onnxruntime,
-answer; max batch 1, event loop), encode (the JSON answer). Then decode and validate the
-Python way, which every other request takes (``decode_request``, ``validate_inputs``,
-``validate_outputs``, the value schema). Prints microseconds per request, the mean over
---requests after a warm-up.
+Steps, as the server takes a plain request (bench/suite.py's one-row body in ``--encoding``;
+binary: Triton's binary extension, binary answer asked for): decode (the body parsed, then
+read into the batcher's arrays and checked against the signature by the version's native
+``JsonRequestPlan``, ``codecs.decode_with_plan``), validate (the value schema), batcher
+(submit, batch, onnxruntime, answer; max batch 1, event loop), encode (the answer). Then
+decode and validate the Python way, which every other request takes (``decode_request``,
+``validate_inputs``, ``validate_outputs``, the value schema). Prints microseconds per
+request, the mean over --requests after a warm-up.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import orjson
 
 import baselines  # bench/baselines.py
+import suite  # bench/suite.py: the request bodies
 
 
 def main() -> None:
@@ -31,13 +34,19 @@ def main() -> None:
     )
     parser.add_argument("--model", default="breast_cancer")
     parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--encoding", choices=("json", "binary", "msgpack"), default="json")
     args = parser.parse_args()
 
     from fastserve.config import ModelConfig
     from fastserve.demo import build_demo_repository, example_rows
-    from fastserve.http.codecs import decode_request, encode_response, load_json
+    from fastserve.http.codecs import (
+        decode_request,
+        decode_with_plan,
+        encode_every_output_json,
+        encode_response,
+    )
     from fastserve.model import ServedModel
-    from fastserve.protocol import InferenceResponse, OutputTensor
+    from fastserve.protocol import InferenceRequest, InferenceResponse, OutputTensor
     from fastserve.validation import validate_inputs, validate_outputs
 
     demo = build_demo_repository(Path(tempfile.mkdtemp(prefix="fastserve-path-")) / "demo")
@@ -47,6 +56,8 @@ def main() -> None:
         {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
                      "data": row.ravel().tolist()}]}
     )  # fmt: skip
+    _, request_body, headers = suite.v2_request(args.model, row, args.encoding)
+    kind, length = headers["Content-Type"], headers.get(suite.HEADER_LENGTH)
     n = args.requests
 
     plain = baselines.Model(model_file)
@@ -77,22 +88,33 @@ def main() -> None:
                 steps = dict.fromkeys(steps, 0)
                 for _ in range(n):
                     t0 = time.perf_counter_ns()
-                    planned = plan.decode(load_json(body), len(body))
+                    planned = decode_with_plan(
+                        request_body, kind, length, plan, max_elements=len(request_body)
+                    )
                     t1 = time.perf_counter_ns()
-                    arrays = planned[0]
+                    assert not isinstance(planned, InferenceRequest), "the plan gave it back"
+                    arrays, _, binary = planned
                     if model.schema is not None:
                         model.schema.compiled.check(arrays[model.schema.input_index])
                     t2 = time.perf_counter_ns()
                     completion = await model.batcher.infer(arrays)
                     t3 = time.perf_counter_ns()
-                    outputs = [
-                        OutputTensor(s.name, s.datatype, a)
-                        for s, a in zip(model.signature.outputs, completion.outputs, strict=True)
-                    ]
-                    response = InferenceResponse(model.name, model.version, outputs, id="r")
-                    encode_response(response, None, "json")
+                    if args.encoding == "msgpack":
+                        specs, answers = model.signature.outputs, completion.outputs
+                        outputs = [
+                            OutputTensor(s.name, s.datatype, a)
+                            for s, a in zip(specs, answers, strict=True)
+                        ]
+                        response = InferenceResponse(model.name, model.version, outputs, id="r")
+                        encode_response(response, InferenceRequest([], "r"), "msgpack")
+                    else:
+                        encode_every_output_json(model.name, model.version, "r",
+                                                 model.signature.outputs, completion.outputs,
+                                                 binary=binary)  # fmt: skip
                     t4 = time.perf_counter_ns()
-                    request = decode_request(body, "application/json", None, max_elements=len(body))
+                    request = decode_request(
+                        request_body, kind, length, max_elements=len(request_body)
+                    )
                     t5 = time.perf_counter_ns()
                     arrays = validate_inputs(request, model.accepts, max_batch_size=1)
                     validate_outputs(request, model.signature)
@@ -108,7 +130,7 @@ def main() -> None:
 
     steps = asyncio.run(ours())
     python = {step: steps.pop(step) for step in ("python decode", "python validate")}
-    print(f"{args.model}, one row, JSON, in-process, {n:,} requests (µs per request):")
+    print(f"{args.model}, one row, {args.encoding}, in-process, {n:,} requests (µs per request):")
     for step, us in steps.items():
         print(f"  fastserve {step:<9} {us:6.1f}")
     print(f"  fastserve total     {sum(steps.values()):6.1f}")
