@@ -239,6 +239,33 @@ def test_the_plan_takes_binary_and_json_inputs_together() -> None:
     assert check(doc, TWO, blob=blob)
 
 
+def test_raw_values_are_read_in_place_where_aligned_and_never_written() -> None:
+    """As the Python decoder reads them: a read-only view of the body, kept alive by it; bytes
+    not aligned for the datatype are copied (``validate_inputs`` would copy them too)."""
+    doc, blob = binary_one(rows=2)
+    plan = plan_of(ONE)
+    body = b"\0" * 8 + blob
+    aligned = memoryview(body)[8:]
+    planned = plan.decode(doc, 1 << 20, aligned)
+    assert planned is not None
+    (array,) = planned[0]
+    assert not array.flags.owndata and not array.flags.writeable
+    assert np.shares_memory(array, np.frombuffer(body, np.uint8))
+    del aligned, body  # the array keeps what it reads alive
+    assert array.tobytes() == blob
+    shifted = memoryview(b"\0" + blob)[1:]
+    planned = plan.decode(doc, 1 << 20, shifted)
+    assert planned is not None
+    assert planned[0][0].flags.owndata and planned[0][0].tobytes() == blob
+    # msgpack's raw bytes alike
+    raw = msgpack_one(rows=2)
+    packed = msgpack.unpackb(msgpack.packb(raw))
+    planned = plan.decode(packed, 1 << 20, None, True)
+    assert planned is not None
+    assert planned[0][0].tobytes() == raw["inputs"][0]["data"]
+    assert not planned[0][0].flags.writeable
+
+
 def binary_refused() -> Iterator[tuple[str, Any, bytes | None]]:
     doc, blob = binary_one()
     yield "no blob", doc, None
@@ -355,13 +382,7 @@ def test_generated_msgpack_bodies_are_read_as_python_reads_them_or_given_back(
     data: st.DataObject, raw: bool
 ) -> None:
     doc = msgpack_one(rows=data.draw(st.integers(1, MAX_BATCH))) if raw else one()
-    for _ in range(data.draw(st.integers(0, 3))):
-        where = data.draw(st.sampled_from(list(paths(doc))[1:]))
-        *parent_path, last = where
-        parent = doc
-        for key in parent_path:
-            parent = parent[key]
-        parent[last] = data.draw(ODD | st.binary(max_size=16))
+    mutate(data, doc, ODD | st.binary(max_size=16))
     check_msgpack(doc, ONE)
 
 
@@ -372,6 +393,16 @@ ODD = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
     max_leaves=8,
 )
+
+
+def mutate(data: st.DataObject, doc: Any, values: st.SearchStrategy[Any]) -> None:
+    """Replace up to three values anywhere in ``doc`` with ones drawn from ``values``."""
+    for _ in range(data.draw(st.integers(0, 3))):
+        *parent_path, last = data.draw(st.sampled_from(list(paths(doc))[1:]))
+        parent = doc
+        for key in parent_path:
+            parent = parent[key]
+        parent[last] = data.draw(values)
 
 
 def paths(doc: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -398,13 +429,7 @@ def test_generated_documents_are_read_as_python_reads_them_or_given_back(
         doc, blob = binary_one(rows=data.draw(st.integers(1, MAX_BATCH)))
     else:
         doc, blob = binary_two()
-    for _ in range(data.draw(st.integers(0, 3))):
-        where = data.draw(st.sampled_from(list(paths(doc))[1:]))
-        *parent_path, last = where
-        parent = doc
-        for key in parent_path:
-            parent = parent[key]
-        parent[last] = data.draw(ODD)
+    mutate(data, doc, ODD)
     # as the server sees it: what orjson parses of what a client serialized
     try:
         doc = orjson.loads(orjson.dumps(doc))

@@ -213,6 +213,7 @@ class JsonRequestPlan {
         throw py::error_already_set();
       }
       raw.held = true;
+      raw.owner = blob;
     }
     py::list arrays(n);
     std::vector<bool> seen(inputs_.size(), false);
@@ -257,6 +258,7 @@ class JsonRequestPlan {
 
   // The blob of the binary extension while Decode reads it: how much of it the inputs took.
   struct Blob {
+    py::handle owner;  // what the arrays read in place keep alive
     Py_buffer view{};
     bool held = false;
     Py_ssize_t used = 0;
@@ -334,7 +336,7 @@ class JsonRequestPlan {
         return NumbersOf(data, dims, fp64);
       }
       if (msgpack && PyBytes_CheckExact(data)) {  // a msgpack body's raw values
-        return FromBytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), dims, fp64);
+        return FromBytes(data, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), dims, fp64);
       }
       return py::none();
     }
@@ -343,13 +345,13 @@ class JsonRequestPlan {
 
   // An input's tensor from the binary extension's blob: its "parameters" exactly
   // {"binary_data_size": its bytes}, the next that many bytes of the blob.
-  static py::object FromBlob(PyObject* parameters, const std::vector<Py_ssize_t>& dims, bool fp64,
-                             Blob* blob) {
+  py::object FromBlob(PyObject* parameters, const std::vector<Py_ssize_t>& dims, bool fp64,
+                      Blob* blob) const {
     if (parameters == nullptr || !blob->held || !PyDict_CheckExact(parameters) ||
         PyDict_GET_SIZE(parameters) != 1) {
       return py::none();
     }
-    PyObject* size = PyDict_GetItemString(parameters, "binary_data_size");
+    PyObject* size = PyDict_GetItem(parameters, binary_data_size_key_.ptr());
     if (size == nullptr || !PyLong_CheckExact(size)) {
       return py::none();
     }
@@ -359,17 +361,19 @@ class JsonRequestPlan {
       return py::none();
     }
     const char* start = static_cast<const char*>(blob->view.buf) + blob->used;
-    py::object array = FromBytes(start, static_cast<Py_ssize_t>(bytes), dims, fp64);
+    py::object array = FromBytes(blob->owner, start, static_cast<Py_ssize_t>(bytes), dims, fp64);
     if (!array.is_none()) {
       blob->used += static_cast<Py_ssize_t>(bytes);
     }
     return array;
   }
 
-  // The tensor of `dims` whose raw little-endian values are the `size` bytes at `start`, when
-  // that is exactly as many as it needs; None otherwise. Copied (this host must be
-  // little-endian: on another, the decoder swaps the bytes).
-  static py::object FromBytes(const char* start, Py_ssize_t size,
+  // The tensor of `dims` whose raw little-endian values are the `size` bytes at `start` (held
+  // by `owner`), when that is exactly as many as it needs; None otherwise. Read in place, as
+  // the Python decoder reads it (a read-only view that keeps `owner` alive), unless the bytes
+  // are not aligned for the datatype: then copied, as ``validate_inputs`` would copy them.
+  // This host must be little-endian (on another, the decoder swaps the bytes).
+  static py::object FromBytes(py::handle owner, const char* start, Py_ssize_t size,
                               const std::vector<Py_ssize_t>& dims, bool fp64) {
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
     return py::none();
@@ -378,12 +382,18 @@ class JsonRequestPlan {
     for (const Py_ssize_t dim : dims) {
       count *= dim;
     }
-    if (size != count * (fp64 ? 8 : 4)) {
+    const Py_ssize_t itemsize = fp64 ? 8 : 4;
+    if (size != count * itemsize) {
       return py::none();
     }
+    const py::dtype dtype = fp64 ? py::dtype::of<double>() : py::dtype::of<float>();
     const std::vector<py::ssize_t> shape(dims.begin(), dims.end());
-    py::array out =
-        fp64 ? py::array(py::array_t<double>(shape)) : py::array(py::array_t<float>(shape));
+    if (reinterpret_cast<uintptr_t>(start) % static_cast<uintptr_t>(itemsize) == 0) {
+      py::array view(dtype, shape, start, owner);
+      py::detail::array_proxy(view.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+      return std::move(view);
+    }
+    py::array out(dtype, shape);
     std::memcpy(out.mutable_data(), start, static_cast<size_t>(size));
     return std::move(out);
   }
@@ -396,6 +406,7 @@ class JsonRequestPlan {
   py::str shape_key_{"shape"};
   py::str data_key_{"data"};
   py::str parameters_key_{"parameters"};
+  py::str binary_data_size_key_{"binary_data_size"};
 };
 
 }  // namespace

@@ -59,7 +59,6 @@ __all__ = [
     "decode_with_plan",
     "encode_every_output_json",
     "encode_response",
-    "load_json",
     "request_from_json",
     "tensor_bytes",
     "tensor_from_bytes",
@@ -129,7 +128,7 @@ def decode_request(
     parts = _json_parts(body, content_type, header_length)
     if parts is not None:
         text, blob = parts
-        return request_from_json(load_json(text), max_elements=max_elements, blob=blob)
+        return request_from_json(_load_json(text), max_elements=max_elements, blob=blob)
     media = _media_type(content_type)
     if media in _MSGPACK_TYPES:
         if header_length is not None:
@@ -162,7 +161,7 @@ def _json_parts(
 def request_from_json(
     doc: Any, *, max_elements: int, blob: memoryview | None = None
 ) -> InferenceRequest:
-    """``decode_request`` of a JSON body's document that ``load_json`` parsed (``blob``: the
+    """``decode_request`` of a JSON body's document that ``_load_json`` parsed (``blob``: the
     binary extension's bytes after it)."""
     return _request_from_doc(doc, max_elements, blob, msgpack_doc=False)
 
@@ -186,7 +185,7 @@ def decode_with_plan(
     parts = _json_parts(body, content_type, header_length)
     if parts is not None:
         text, blob = parts
-        doc = load_json(text)
+        doc = _load_json(text)
         planned = plan.decode(doc, max_elements, blob)
         if planned is not None:
             return planned
@@ -218,7 +217,7 @@ def _parse_header_length(value: str, body_length: int) -> int:
     return length
 
 
-def load_json(raw: bytes) -> Any:
+def _load_json(raw: bytes) -> Any:
     """The document of a JSON body; InvalidRequest (400) when it is not one."""
     if not raw:
         raise InvalidRequest("empty request body")
