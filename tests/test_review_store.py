@@ -19,12 +19,15 @@ import pytest
 
 import fastserve.review.store
 from conftest import ServerProcess
+from fastserve.config import ServerConfig
 from fastserve.demo import example_rows
+from fastserve.errors import StoreBusy
 from fastserve.monitoring.metrics import Metrics
 from fastserve.monitoring.serving import RecordingCollector
 from fastserve.review.outcome import Reading
 from fastserve.review.service import PredictionLog, Review
 from fastserve.review.store import GIVE_WAY_RECORDS, PIECE, ReviewStore, UnknownRequest
+from fastserve.server import Server
 from models import tabular_body
 
 MODEL = "breast_cancer"
@@ -192,7 +195,7 @@ async def test_a_flush_that_finds_the_file_locked_keeps_its_records_for_the_next
         for i in range(5):
             note(store, f"r{i}", 1)
         other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(StoreBusy, match="review store is busy"):
             await store.flush()
         assert store.waiting() == 5 and store.dropped == 0
         note(store, "r5", 0)
@@ -206,6 +209,60 @@ async def test_a_flush_that_finds_the_file_locked_keeps_its_records_for_the_next
         await store.close()
 
 
+async def test_a_file_locked_past_the_busy_timeout_gets_503s_and_loses_no_record(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A real server whose state file another process keeps locked (a sibling worker in a
+    long write, say): inference goes on, what waits on the store gets 503 with Retry-After,
+    a Prometheus scrape still gets its metrics, and what was predicted meanwhile is there
+    once the lock goes."""
+    state = tmp_path / "state.db"
+    server = Server(ServerConfig(repository=repo, port=0, drain_timeout_s=5, state_db=state))
+    server.review.store.busy_timeout_s = 0.2  # (5 s in service)
+    await server.start()
+    rows = example_rows(MODEL, 2)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as s:
+
+            async def infer(request_id: str, row: Any) -> None:
+                body = tabular_body(row, request_id)
+                async with s.post(f"/v2/models/{MODEL}/infer", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            async def feedback(request_id: str) -> aiohttp.ClientResponse:
+                doc = {"id": request_id, "label": 1}
+                async with s.post(f"/v2/models/{MODEL}/feedback", json=doc) as resp:
+                    await resp.read()
+                    return resp
+
+            await infer("before", rows[0])
+            await server.review.store.flush()
+            other = sqlite3.connect(state, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                await infer("during", rows[1])
+                refused = await feedback("before")
+                assert refused.status == 503
+                assert refused.headers["Retry-After"] == "1"
+                error = (await refused.json())["error"]
+                assert "review store is busy" in error and "state.db" in error
+                async with s.get(f"/v2/models/{MODEL}/accuracy") as resp:
+                    assert resp.status == 503
+                    assert "review store is busy" in (await resp.json())["error"]
+                async with s.get("/metrics") as resp:
+                    assert resp.status == 200
+                    assert "fastserve_model_versions" in await resp.text()
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            for request_id in ("before", "during"):
+                accepted = await feedback(request_id)
+                assert accepted.status == 200
+                assert (await accepted.json())["recorded"] == "recorded"
+    finally:
+        await server.stop()
+
+
 async def test_a_failed_flush_keeps_at_most_max_buffered_records(tmp_path: Path) -> None:
     store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=4, busy_timeout_s=0)
     await store.open()
@@ -214,11 +271,11 @@ async def test_a_failed_flush_keeps_at_most_max_buffered_records(tmp_path: Path)
         for i in range(4):
             note(store, f"r{i}", 1)
         other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StoreBusy):
             await store.flush()
         for i in range(4, 8):  # the buffer is full again, the kept rows beside it
             note(store, f"r{i}", 1)
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StoreBusy):
             await store.flush()
         # the second failure held 8 rows: the newest 4 are kept, 4 dropped and counted
         assert (store.waiting(), store.dropped) == (4, 4)

@@ -93,6 +93,11 @@ class QueueTimeout(Unavailable):
         super().__init__(f"request to model '{model}' timed out in the queue and was not run")
 
 
+class StoreBusy(Unavailable):
+    """The state file stayed locked by another connection (a sibling worker's long write,
+    a process stopped while it held the lock) past the store's busy timeout."""
+
+
 class ServerStopping(Unavailable):
     """The server or model is draining and takes no new work."""
 

@@ -502,7 +502,13 @@ class Review:
             return
         self._metrics_refreshed = now
         for name in sorted(names):
-            entries = await self._accuracy(name, count_recorded=False)
+            try:
+                entries = await self._accuracy(name, count_recorded=False)
+            except (sqlite3.Error, Unavailable) as exc:
+                # the scrape still gets every other metric, and these gauges their last
+                # values: one wait on a locked file per scrape, not one per model
+                log.warning("accuracy gauges not refreshed: %s", exc)
+                break
             self.metrics.model_accuracy(name, list(entries.values()))
         # coverage since the server started, from counters (no scan of the predictions)
         for (model, role, version), recorded in list(self.predictions.recorded.items()):

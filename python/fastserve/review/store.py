@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastserve.cores import yield_core
+from fastserve.errors import StoreBusy
 
 log = logging.getLogger("fastserve.review")
 
@@ -304,6 +305,19 @@ class ReviewStore:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """``_call`` for what a client waits on: a file still locked by another connection
+        after ``busy_timeout_s`` raises StoreBusy (503, retry) instead of SQLite's error."""
+        try:
+            return await self._call(fn, *args)
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise
+            raise StoreBusy(
+                f"the review store is busy: another process has held {self.path.name}'s "
+                f"lock for over {self.busy_timeout_s:g} s; retry later"
+            ) from exc
+
     # -- observed records (buffered) --------------------------------------------------------
 
     def note(self, table: str, row: tuple[Any, ...]) -> None:
@@ -325,7 +339,7 @@ class ReviewStore:
         self._sources.append((table, drain))
 
     async def flush(self) -> None:
-        await self._call(self._flush)
+        await self._ask(self._flush)
 
     def _flush(self) -> None:
         with self._buffer_lock:
@@ -408,7 +422,7 @@ class ReviewStore:
 
     async def prune(self, older_than: float) -> int:
         """Delete retained records created before ``older_than`` (epoch seconds)."""
-        return await self._call(self._prune, older_than)
+        return await self._ask(self._prune, older_than)
 
     def _prune(self, older_than: float) -> int:
         assert self._db is not None
@@ -426,7 +440,7 @@ class ReviewStore:
     ) -> FeedbackResult:
         """Record ground truth for a request (committed before this returns). Raises
         UnknownRequest when no prediction of ``model`` has that id."""
-        return await self._call(self._add_feedback, model, request_id, label, source)
+        return await self._ask(self._add_feedback, model, request_id, label, source)
 
     def _add_feedback(
         self, model: str, request_id: str, label: list[float | int], source: str
@@ -459,7 +473,7 @@ class ReviewStore:
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of one read (after a flush, so that what was noted is seen)."""
-        return await self._call(self._query, sql, tuple(params))
+        return await self._ask(self._query, sql, tuple(params))
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         self._flush()
@@ -469,7 +483,7 @@ class ReviewStore:
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(connection)`` in one transaction on the store's thread (after a flush);
         committed before this returns."""
-        return await self._call(self._run, fn)
+        return await self._ask(self._run, fn)
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._flush()
