@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -142,6 +143,45 @@ async def test_forcing_a_failed_gate_promotes_and_is_recorded(
         latest = (await resp.json())["changes"][0]
     assert latest["action"] == "rollback" and latest["to_version"] == "1"
     assert latest["actor"] == "bob"
+
+
+async def test_changes_made_while_the_state_file_is_locked_are_recorded_once_it_is_free(
+    candidate_repo: Path,
+) -> None:
+    """Another process holds the state file's lock past the busy timeout: a promotion and a
+    rollback are still made and answered, and their records are written once it is free."""
+    state = candidate_repo.parent / "state.db"
+    srv = Server(config_for(candidate_repo))
+    srv.review.store.busy_timeout_s = 0.2  # (5 s in service)
+    await srv.start()
+    other = sqlite3.connect(state, isolation_level=None)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{srv.port}") as s:
+            other.execute("BEGIN IMMEDIATE")
+            status, doc = await promote(s, force=True, actor="ann", reason="locked")
+            assert status == 200, doc
+            assert doc["primary"] == "2" and doc["record"] is None
+            assert srv.registry.get(MODEL).version == "2"
+            async with s.post(
+                f"/v2/repository/models/{MODEL}/rollback", json={"actor": "bob"}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            assert srv.registry.get(MODEL).version == "1"
+            async with s.get(f"/v2/review/changes/{MODEL}", headers=AUTH) as resp:
+                assert resp.status == 503  # the records wait for the file
+            other.execute("COMMIT")
+            async with s.get(f"/v2/review/changes/{MODEL}", headers=AUTH) as resp:
+                assert resp.status == 200
+                changes = (await resp.json())["changes"]
+        assert [(c["action"], c["actor"], c["to_version"]) for c in changes] == [
+            ("rollback", "bob", "1"),
+            ("promote", "ann", "2"),
+        ]
+        assert changes[1]["forced"] is True and changes[1]["reason"] == "locked"
+        assert "compared" in {c["name"] for c in changes[1]["gate"]}
+    finally:
+        other.close()
+        await srv.stop()
 
 
 async def test_a_passing_gate_promotes_the_shadow(

@@ -263,6 +263,33 @@ async def test_a_file_locked_past_the_busy_timeout_gets_503s_and_loses_no_record
         await server.stop()
 
 
+async def test_an_owed_record_is_written_once_the_file_is_free_and_never_dropped(
+    tmp_path: Path,
+) -> None:
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=2, busy_timeout_s=0)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        change = ("m", "promote", "1", "2", 0, "ann", "why", None, time.time())
+        store.owe("promotions", change)
+        for i in range(6):  # more observed records than the store keeps
+            note(store, f"r{i}", 1)
+        for _ in range(2):
+            with pytest.raises(StoreBusy):
+                await store.flush()
+        assert store.dropped == 4 and store.waiting() == 3  # 2 observed kept, 1 owed
+        other.execute("COMMIT")
+        await store.flush()
+        assert store.waiting() == 0
+        rows = await store.query("SELECT model, action, to_version, actor FROM promotions")
+        assert rows == [("m", "promote", "2", "ann")]
+        assert await store.query("SELECT count(*) FROM predictions") == [(2,)]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_a_failed_flush_keeps_at_most_max_buffered_records(tmp_path: Path) -> None:
     store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=4, busy_timeout_s=0)
     await store.open()

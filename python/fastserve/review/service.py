@@ -602,19 +602,30 @@ class Review:
         actor: str,
         reason: str,
         gate: list[dict[str, Any]] | None,
-    ) -> int:
-        """Record a promotion or rollback (committed before this returns); its id."""
+    ) -> int | None:
+        """Record a promotion or rollback, already made (committed before this returns);
+        its id. None: the store could not write it now (locked past its busy timeout, a full
+        disk), and writes it at its next flushes instead, until one succeeds."""
+        row = (name, action, from_version, to_version, int(forced), actor, reason,
+               None if gate is None else json.dumps(gate), time.time())  # fmt: skip
 
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO promotions (model, action, from_version, to_version, forced, "
                 "actor, reason, gate, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, action, from_version, to_version, int(forced), actor, reason,
-                 None if gate is None else json.dumps(gate), time.time()),
-            )  # fmt: skip
+                row,
+            )
             return int(cursor.lastrowid or 0)
 
-        return await self.store.run(insert)
+        try:
+            return await self.store.run(insert)
+        except (sqlite3.Error, Unavailable) as exc:
+            # the change is made: answering an error would have the client retry it, and
+            # its record must not be lost with this write
+            log.error("review store: %s of '%s' to %s recorded late: %s", action, name,
+                      to_version, exc)  # fmt: skip
+            self.store.owe("promotions", row)
+            return None
 
     async def changes(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self.store.query(

@@ -3,7 +3,7 @@
 One connection, owned by one writer thread, does every read and write: SQLite serializes
 writers anyway, and one thread keeps the event loop free of disk waits and of locking.
 
-Two kinds of write:
+Two kinds of write, and a fallback:
 
 * **Acknowledged** (feedback, reviewer labels, promotion records): the caller awaits the
   commit, made with ``synchronous=FULL``, before it answers its client. Such a record
@@ -20,6 +20,9 @@ Two kinds of write:
   that arrives meanwhile waits out one piece, not the flush; while the server is busy it
   gives way only after ``HOLD_S`` of work, and past ``GIVE_WAY_RECORDS`` it writes straight
   on, so that a busy server's store keeps up.
+* **Owed** (``owe``): the record of a change already made (a new primary) whose own
+  acknowledged write failed, the file being locked or the disk full. Every flush writes
+  it, with ``synchronous=FULL``, until one succeeds; it is never dropped.
 
 Idempotency: a prediction, a comparison and a feedback are each keyed by (model, request
 id); a review item by (model, request id, reason). Writing the same one again changes
@@ -172,6 +175,9 @@ _COLUMNS = {  # each table's column list in its insert ("": all of them, in orde
         " (model, request_id, reason, version, shadow_version, inputs, primary_answer, "
         "shadow_answer, confidence, created)"
     ),
+    "promotions": (
+        " (model, action, from_version, to_version, forced, actor, reason, gate, created)"
+    ),
 }
 _MAX_VARIABLES = 999
 """Parameters one statement may have in any SQLite (999 before 3.32, 32,766 since): past
@@ -234,6 +240,9 @@ class ReviewStore:
         self._unwritten: dict[str, list[tuple[Any, ...]]] = {}
         """Rows of a flush that failed (the database locked past the busy timeout by another
         worker, a full disk): written first by the next flush (only the store's thread)."""
+        self._owed: list[tuple[str, tuple[Any, ...]]] = []
+        """Rows of changes already made whose own write failed (``owe``): every flush
+        writes them until one succeeds, and they are never dropped (one per change)."""
         self._busy = busy or _never
         self._buffer_lock = threading.Lock()  # noted from the loop, taken by the writer
         self._sources: list[tuple[str, Callable[[int], list[tuple[Any, ...]]]]] = []
@@ -328,9 +337,17 @@ class ReviewStore:
                 return
             self._buffer.append((table, row))
 
+    def owe(self, table: str, row: tuple[Any, ...]) -> None:
+        """Have the next flushes write ``row`` until one succeeds: the record of a change
+        that was made although its write failed (never dropped, unlike ``note``)."""
+        with self._buffer_lock:
+            self._owed.append((table, row))
+
     def waiting(self) -> int:
-        """Records noted (``note``) and not yet written; a source counts its own."""
-        return len(self._buffer) + sum(len(rows) for rows in self._unwritten.values())
+        """Records noted (``note``) or owed (``owe``) and not yet written; a source counts
+        its own."""
+        unwritten = sum(len(rows) for rows in self._unwritten.values())
+        return len(self._buffer) + len(self._owed) + unwritten
 
     def add_source(self, table: str, drain: Callable[[int], list[tuple[Any, ...]]]) -> None:
         """Have each flush also write the rows ``drain(limit)`` returns (called on the
@@ -344,6 +361,7 @@ class ReviewStore:
     def _flush(self) -> None:
         with self._buffer_lock:
             items, self._buffer = self._buffer, []
+            owed, self._owed = self._owed, []
         if self._db is None:
             return
         db = self._db
@@ -363,12 +381,20 @@ class ReviewStore:
                     turns.piece_done()
         for table, row in items:
             rows.setdefault(table, []).append(row)
-        if not rows:
+        if not rows and not owed:
             return
-        db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
+        written: dict[str, list[tuple[Any, ...]]] = {}
+        for table, row in owed:  # first, in the order they were owed
+            written.setdefault(table, []).append(row)
+        for table, values in rows.items():
+            written[table] = [*written.get(table, []), *values]
+        if not owed:
+            db.execute("PRAGMA synchronous=NORMAL")  # observed, not acknowledged: see above
         try:
-            self._write(db, rows, turns)
+            self._write(db, written, turns)
         except sqlite3.Error:
+            with self._buffer_lock:
+                self._owed[:0] = owed
             self._keep_unwritten(rows)
             raise
         finally:
