@@ -361,9 +361,10 @@ class ReviewStore:
     def _flush(self) -> None:
         with self._buffer_lock:
             items, self._buffer = self._buffer, []
-            owed, self._owed = self._owed, []
         if self._db is None:
             return
+        with self._buffer_lock:
+            owed, self._owed = self._owed, []
         db = self._db
         rows, self._unwritten = self._unwritten, {}
         turns = _Turns(self._busy)
