@@ -76,12 +76,19 @@ def single_row_body() -> bytes:
 
 
 async def run_clients(
-    server: Any, body: bytes, clients: int, requests: int, idle_us: int = 0
+    server: Any,
+    body: bytes,
+    clients: int,
+    requests: int,
+    idle_us: int = 0,
+    *,
+    model: str = SMALL,
 ) -> float:
-    """Send ``requests`` requests from ``clients`` concurrent tasks; the CPU s they took,
-    the store's writing of what they recorded included. ``idle_us``: after each request
-    the thread sleeps this long, so the core idles between requests as it does between a
-    lone client's requests over HTTP (what that costs the next request is in its CPU)."""
+    """Send ``requests`` requests to ``model`` from ``clients`` concurrent tasks; the CPU s
+    they took, the store's writing of what they recorded included. ``idle_us``: after each
+    request the thread sleeps this long, so the core idles between requests as it does
+    between a lone client's requests over HTTP (what that costs the next request is in its
+    CPU)."""
     from fastserve.http.app import answer_inference
 
     state = server.state
@@ -96,7 +103,7 @@ async def run_clients(
         nonlocal left
         while left > 0:
             left -= 1
-            await answer_inference(state, SMALL, None, headers, given)
+            await answer_inference(state, model, None, headers, given)
             if idle_us:
                 # blocking is the point: the core idles
                 time.sleep(idle_us / 1e6)  # noqa: ASYNC251

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import ServerProcess
+from fastserve.config import ServerConfig
 from fastserve.demo import example_rows
 from fastserve.server import Server
 from models import predict, reference
@@ -35,6 +36,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import framing_cost  # noqa: E402  (bench/ is not a package)
 import heavy_model  # noqa: E402
+import heavy_overlap  # noqa: E402
 import request_cost  # noqa: E402
 import serving  # noqa: E402
 import suite  # noqa: E402
@@ -455,3 +457,22 @@ async def test_the_framing_bench_answers_every_request_through_the_fast_path(
     wrong = framing_cost.request_bytes(body.replace(b'"FP32"', b'"INT8"'))
     with pytest.raises(RuntimeError, match="5 of 5 requests were not answered 200"):
         await framing_cost.Run(wrong, 5).cpu_us(fast, 2)
+
+
+@pytest.mark.parametrize("execution", heavy_overlap.EXECUTIONS)
+async def test_the_overlap_bench_serves_the_heavy_model_with_each_execution(
+    tmp_path: Path, execution: str
+) -> None:
+    # bench/heavy_overlap.py compares the two ways of running batches on the same model:
+    # each repository must run its batches the way it is named for, and answer every request
+    repo = heavy_overlap.repository(tmp_path, execution)
+    server = Server(ServerConfig(repository=repo, port=0, watch="off", state_db=repo / "s.db"))
+    await server.start()
+    try:
+        model = server.registry.get(heavy_model.MODEL_NAME)
+        assert model.batcher.execution == execution
+        body = request_cost.single_row_body()
+        await request_cost.run_clients(server, body, 8, 40, model=heavy_model.MODEL_NAME)
+        assert model.request_stats.success == 40 and model.request_stats.fail == 0
+    finally:
+        await server.stop()
