@@ -290,6 +290,23 @@ async def test_an_owed_record_is_written_once_the_file_is_free_and_never_dropped
         await store.close()
 
 
+async def test_a_store_closes_even_when_its_last_write_fails_and_logs_what_it_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, busy_timeout_s=0)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        note(store, "r0", 1)
+        store.owe("promotions", ("m", "rollback", "2", "1", 0, "bob", "why", None, 1.0))
+        await store.close()  # does not raise: the server must be able to stop
+        assert "closing without writing 2 record(s)" in caplog.text
+        assert "unwritten promotions record: ('m', 'rollback', '2', '1'" in caplog.text
+    finally:
+        other.close()
+
+
 async def test_a_failed_flush_keeps_at_most_max_buffered_records(tmp_path: Path) -> None:
     store = ReviewStore(tmp_path / "s.db", flush_interval_s=60, max_buffered=4, busy_timeout_s=0)
     await store.open()

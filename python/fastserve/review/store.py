@@ -306,7 +306,16 @@ class ReviewStore:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _close(self) -> None:
-        self._flush()
+        """Write what waits, then close; a last write that fails (the file locked past the
+        busy timeout, a full disk) is logged with what it loses, and the store still
+        closes, so that the server stops."""
+        try:
+            self._flush()
+        except sqlite3.Error as exc:
+            log.error("review store: closing without writing %d record(s): %s",
+                      self.waiting(), exc)  # fmt: skip
+            for table, row in self._owed:  # changes already made: their records, in the log
+                log.error("review store: unwritten %s record: %r", table, row)
         assert self._db is not None
         self._db.close()
         self._db = None
