@@ -4,12 +4,12 @@ The HTTP handler and ``fastserve batch`` both call ``prepare``, so online and of
 predictions go through the same pipelines, feature packing, shape and type validation and
 value schema: what one accepts, the other accepts, and they cannot drift apart.
 
-The one shortcut: a plain JSON request (binary extension included) that the version's
-``JsonRequestPlan`` reads (every input FP32 or FP64, no pipeline; see
+The one shortcut: a plain request (JSON, Triton's binary extension or msgpack) that the
+version's ``JsonRequestPlan`` reads (every input FP32 or FP64, no pipeline; see
 ``ServedModel.json_plan``) is decoded and checked against the signature natively, and
-``prepare_planned`` does the rest. The plan takes only what the
-decoder and ``validate_inputs`` would accept, reading it the same (``tests/test_json_plan.py``
-holds it to that); anything else goes the whole way, which explains what is wrong with it.
+``prepare_planned`` does the rest. The plan takes only what the decoder and
+``validate_inputs`` would accept, reading it the same (``tests/test_json_plan.py`` holds it
+to that); anything else goes the whole way, which explains what is wrong with it.
 """
 
 from __future__ import annotations
